@@ -1,0 +1,85 @@
+//! File-backed kernel EROFS mounts through the new mount API.
+
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, Context, Result};
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, unmount, FsMountFlags,
+    FsOpenFlags, MountAttrFlags, MoveMountFlags, UnmountFlags,
+};
+
+/// What to mount: the bootstrap file and one file per device-table slot, in slot order.
+#[derive(Debug, Clone)]
+pub struct ErofsMount {
+    pub bootstrap: PathBuf,
+    pub devices: Vec<PathBuf>,
+}
+
+impl ErofsMount {
+    /// Mounts read-only at `target`.
+    pub fn mount(&self, target: &Path) -> Result<()> {
+        let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| {
+            anyhow!("the kernel has no EROFS support (fsopen erofs: {e}); try `modprobe erofs`")
+        })?;
+        let step = |what: &str, r: rustix::io::Result<()>| -> Result<()> {
+            r.map_err(|e| anyhow!("{what}: {e}{}", kernel_log(&fs)))
+        };
+        step(
+            &format!("source {}", self.bootstrap.display()),
+            fsconfig_set_string(fs.as_fd(), "source", &self.bootstrap),
+        )?;
+        for dev in &self.devices {
+            step(
+                &format!("device {}", dev.display()),
+                fsconfig_set_string(fs.as_fd(), "device", dev),
+            )?;
+        }
+        step(
+            &format!("mounting {}", self.bootstrap.display()),
+            fsconfig_create(fs.as_fd()),
+        )?;
+        let mnt = fsmount(
+            fs.as_fd(),
+            FsMountFlags::FSMOUNT_CLOEXEC,
+            MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
+        )
+        .map_err(|e| anyhow!("fsmount: {e}{}", kernel_log(&fs)))?;
+        move_mount(
+            mnt.as_fd(),
+            "",
+            rustix::fs::CWD,
+            target,
+            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+        .with_context(|| format!("attaching the mount at {}", target.display()))?;
+        Ok(())
+    }
+}
+
+/// The messages the kernel left in a filesystem context, formatted as a suffix.
+fn kernel_log(fs: &OwnedFd) -> String {
+    let mut out = String::new();
+    let mut file = std::fs::File::from(fs.try_clone().expect("dup fs context"));
+    let mut buf = [0u8; 1024];
+    // Each read returns one message; the context fd is non-blocking for reads (ENODATA at end).
+    for _ in 0..16 {
+        match file.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let msg = String::from_utf8_lossy(&buf[..n]);
+                out.push_str(" [kernel: ");
+                out.push_str(msg.trim());
+                out.push(']');
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
+/// Unmounts `target`.
+pub fn umount(target: &Path) -> Result<()> {
+    unmount(target, UnmountFlags::empty())
+        .with_context(|| format!("unmounting {}", target.display()))
+}

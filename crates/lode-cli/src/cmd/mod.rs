@@ -1,0 +1,6 @@
+//! One module per subcommand; each exposes `Args` (clap) and `run(Args)`.
+
+pub mod cat;
+pub mod inspect;
+pub mod ls;
+pub mod unpack;

@@ -1,0 +1,55 @@
+//! `lode`: build, inspect and unpack lazily served container images in EROFS format.
+//!
+//! This file only parses the command line and dispatches; each subcommand lives in its own
+//! module under `cmd/` with an `Args` struct and a `run` function.
+
+mod cmd;
+mod display;
+mod image_arg;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "lode", version, about = "Lazily served container images in EROFS format")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show the superblock, feature bits, devices and a summary of the tree.
+    Inspect(cmd::inspect::Args),
+    /// List a directory (or show one entry) in `ls -l` style, without following symlinks.
+    Ls(cmd::ls::Args),
+    /// Write a regular file's contents to stdout.
+    Cat(cmd::cat::Args),
+    /// Extract the whole tree with ownership, modes, xattrs, times, hard links and holes.
+    Unpack(cmd::unpack::Args),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Inspect(args) => cmd::inspect::run(args),
+        Command::Ls(args) => cmd::ls::run(args),
+        Command::Cat(args) => cmd::cat::run(args),
+        Command::Unpack(args) => cmd::unpack::run(args),
+    };
+    if let Err(err) = result {
+        // `lode cat … | head` is not an error worth reporting.
+        if is_broken_pipe(&err) {
+            std::process::exit(0);
+        }
+        eprintln!("error: {err:#}");
+        std::process::exit(1);
+    }
+}
+
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

@@ -20,9 +20,9 @@ cargo build --release --workspace --quiet
 
 log=$(mktemp /tmp/lode-test.XXXXXX)
 trap 'rm -f "$log"' EXIT
-echo "test.sh: cargo test --workspace --release"
+echo "test.sh: cargo test --workspace --release --no-fail-fast"
 set +e
-cargo test --workspace --release 2>&1 | tee "$log"
+cargo test --workspace --release --no-fail-fast 2>&1 | tee "$log"
 rc=${PIPESTATUS[0]}
 set -e
 

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 
 pub const DEFAULT_CHUNK_SIZE: u32 = 1 << 20;
 /// Files up to this size go into the bootstrap rather than a blob (see docs/ARCHITECTURE.md).
-pub const DEFAULT_INLINE_MAX: u64 = 0;
+pub const DEFAULT_INLINE_MAX: u64 = 512;
 pub const BLOCK_BITS: u8 = 12;
 
 #[derive(Debug, Clone)]

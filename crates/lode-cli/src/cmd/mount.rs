@@ -1,0 +1,39 @@
+//! `lode mount` and `lode umount`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Mode {
+    /// Kernel EROFS, file-backed, every blob already local; no daemon.
+    Local,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Image directory (bootstrap, blobs/, image.json).
+    pub image: PathBuf,
+    /// Mount point (an existing directory).
+    pub mountpoint: PathBuf,
+    /// How the image is served.
+    #[arg(long, value_enum, default_value_t = Mode::Local)]
+    pub mode: Mode,
+}
+
+pub fn run(args: Args) -> Result<()> {
+    match args.mode {
+        Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint)?,
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct UmountArgs {
+    /// Mount point.
+    pub mountpoint: PathBuf,
+}
+
+pub fn umount(args: UmountArgs) -> Result<()> {
+    lode_mount::kernel::umount(&args.mountpoint)
+}

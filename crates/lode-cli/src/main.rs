@@ -18,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Build an image directory (bootstrap, blobs, image.json) from a directory tree.
+    Build(cmd::build::Args),
+    /// Mount an image.
+    Mount(cmd::mount::Args),
+    /// Unmount an image mounted by `lode mount`.
+    Umount(cmd::mount::UmountArgs),
     /// Show the superblock, feature bits, devices and a summary of the tree.
     Inspect(cmd::inspect::Args),
     /// List a directory (or show one entry) in `ls -l` style, without following symlinks.
@@ -31,6 +37,9 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Build(args) => cmd::build::run(args),
+        Command::Mount(args) => cmd::mount::run(args),
+        Command::Umount(args) => cmd::mount::umount(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),

@@ -1,6 +1,8 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(Args)`.
 
+pub mod build;
 pub mod cat;
 pub mod inspect;
 pub mod ls;
+pub mod mount;
 pub mod unpack;

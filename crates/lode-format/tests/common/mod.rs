@@ -464,3 +464,5 @@ pub fn assert_trees_equal(expected: &Tree, actual: &Tree, adjust: impl Fn(&[u8],
         "hard-link groups differ"
     );
 }
+
+pub mod asm;

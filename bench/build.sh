@@ -41,19 +41,22 @@ measure() {
 
 size_of() { du -sb --apparent-size "$1" | cut -f1; }
 
-read -r lode_t lode_rss < <(measure "$work/lode" "$lode" build "$tree" -o "$work/lode")
+read -r lode_t lode_rss < <(measure "$work/lode" "$lode" build --compress none "$tree" -o "$work/lode")
 lode_size=$(size_of "$work/lode")
+read -r lodez_t lodez_rss < <(measure "$work/lodez" "$lode" build --compress zstd "$tree" -o "$work/lodez")
+lodez_size=$(size_of "$work/lodez")
 read -r mkfs_t mkfs_rss < <(measure "$work/mkfs.img" mkfs.erofs --quiet "$work/mkfs.img" "$tree")
 mkfs_size=$(size_of "$work/mkfs.img")
 read -r mkfsc_t mkfsc_rss < <(measure "$work/mkfsc.img" mkfs.erofs --quiet --chunksize=1048576 --blobdev="$work/mkfsc.blob" "$work/mkfsc.img" "$tree")
 mkfsc_size=$(( $(size_of "$work/mkfsc.img") + $(size_of "$work/mkfsc.blob") ))
 
-python3 - "$tree" "$input_bytes" "$entries" "$runs" "$lode_t" "$lode_rss" "$lode_size" \
+python3 - "$tree" "$input_bytes" "$entries" "$runs" "$lode_t" "$lode_rss" "$lode_size" "$lodez_t" "$lodez_rss" "$lodez_size" \
   "$mkfs_t" "$mkfs_rss" "$mkfs_size" "$mkfsc_t" "$mkfsc_rss" "$mkfsc_size" "$(nproc)" <<'PY'
 import sys
-(tree, inp, entries, runs, lt, lr, ls, mt, mr, ms, ct, cr, cs, cores) = sys.argv[1:]
+(tree, inp, entries, runs, lt, lr, ls, zt, zr, zs, mt, mr, ms, ct, cr, cs, cores) = sys.argv[1:]
 inp = int(inp)
-rows = [("lode build", float(lt), int(lr), int(ls)),
+rows = [("lode build --compress none", float(lt), int(lr), int(ls)),
+        ("lode build --compress zstd", float(zt), int(zr), int(zs)),
         ("mkfs.erofs", float(mt), int(mr), int(ms)),
         ("mkfs.erofs --chunksize=1M --blobdev", float(ct), int(cr), int(cs))]
 print(f"tree {tree}: {inp/1e6:.1f} MB in regular files, {entries} entries; {cores} cores; median of {runs} runs, warm page cache")
@@ -62,6 +65,6 @@ for name, t, rss, size in rows:
     print(f"{name:38} {t:7.2f} {inp/1e6/t:7.0f} {rss/1024:13.1f} {size/1e6:10.1f} {t/rows[0][1]:12.2f}x")
 lode_mbs = inp / 1e6 / rows[0][1]
 lode_rss = rows[0][2] / 1024
-print(f"target: >= 250 MB/s of input: {'MET' if lode_mbs >= 250 else 'MISSED'} ({lode_mbs:.0f} MB/s)")
+print(f"target (uncompressed build): >= 250 MB/s of input: {'MET' if lode_mbs >= 250 else 'MISSED'} ({lode_mbs:.0f} MB/s)")
 print(f"target: peak RSS <= 128 MiB: {'MET' if lode_rss <= 128 else 'MISSED'} ({lode_rss:.1f} MiB)")
 PY

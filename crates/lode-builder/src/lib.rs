@@ -14,7 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use lode_format::manifest::{self, BlobRef, ImageManifest};
+use lode_format::blob::Compression;
+use lode_format::manifest::{self, BlobRef, DataBlob, ImageManifest};
 use lode_format::tree::Tree;
 use lode_format::writer::{self, DeviceSpec, WriteOptions};
 use sha2::{Digest, Sha256};
@@ -29,11 +30,13 @@ pub struct BuildOptions {
     pub chunk_size: u32,
     pub inline_max: u64,
     pub threads: usize,
+    pub compression: Compression,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
+            compression: Compression::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             inline_max: DEFAULT_INLINE_MAX,
             threads: std::thread::available_parallelism()
@@ -56,6 +59,8 @@ pub struct BuildReport {
     pub deduplicated_bytes: u64,
     pub bootstrap_bytes: u64,
     pub blob_bytes: u64,
+    /// Uncompressed bytes of the unique chunks stored.
+    pub stored_bytes: u64,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -76,7 +81,7 @@ pub fn build_dir(src: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRep
     fs::create_dir_all(&blobs_dir).with_context(|| format!("creating {}", blobs_dir.display()))?;
 
     let (mut tree, jobs) = walk::scan(src)?;
-    let mut store = store::ChunkStore::new(&blobs_dir, 1 << BLOCK_BITS, 1)?;
+    let mut store = store::ChunkStore::new(&blobs_dir, 1 << BLOCK_BITS, opts.compression);
     let stats = pipeline::run(
         &mut tree,
         &jobs,
@@ -88,7 +93,7 @@ pub fn build_dir(src: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRep
         },
     )?;
     let store_stats = store.stats.clone();
-    let blobs: Vec<BlobRef> = store.finish()?.into_iter().map(|(b, _)| b).collect();
+    let blobs = store.finish()?;
     let mut report = write_image(&tree, out, opts.chunk_size, &blobs)?;
     report.files = stats.files;
     report.inlined_files = stats.inlined_files;
@@ -97,6 +102,7 @@ pub fn build_dir(src: &Path, out: &Path, opts: &BuildOptions) -> Result<BuildRep
     report.chunks = store_stats.chunks;
     report.unique_chunks = store_stats.unique_chunks;
     report.deduplicated_bytes = store_stats.deduplicated_bytes;
+    report.stored_bytes = store_stats.stored_bytes;
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -106,13 +112,13 @@ pub fn write_image(
     tree: &Tree,
     out: &Path,
     chunk_size: u32,
-    blobs: &[BlobRef],
+    blobs: &[DataBlob],
 ) -> Result<BuildReport> {
     let devices = blobs
         .iter()
         .map(|b| DeviceSpec {
             tag: b.hex().as_bytes().to_vec(),
-            blocks: (b.size >> BLOCK_BITS) as u32,
+            blocks: (b.uncompressed_size >> BLOCK_BITS) as u32,
         })
         .collect();
     let (bootstrap, summary) = writer::write_bootstrap(
@@ -154,8 +160,11 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     std::io::Write::write_all(&mut tmp, data)
         .with_context(|| format!("writing {}", path.display()))?;
     // Image files are meant to be shared and served: readable by all, like mkfs output.
-    std::fs::set_permissions(tmp.path(), std::os::unix::fs::PermissionsExt::from_mode(0o644))
-        .with_context(|| format!("writing {}", path.display()))?;
+    std::fs::set_permissions(
+        tmp.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .with_context(|| format!("writing {}", path.display()))?;
     tmp.persist(path)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lode_format::tree::{ChunkAddr, Content, FileData, Tree};
 
-use crate::store::{ChunkDigest, ChunkStore};
+use crate::store::{ChunkStore, Compressor, PreparedChunk};
 use crate::walk::FileJob;
 
 /// Total bytes of chunk buffers in flight (at least two chunks per worker).
@@ -37,7 +37,7 @@ pub struct PipelineStats {
 /// What a worker found in one chunk.
 enum ChunkData {
     Hole,
-    Data { digest: ChunkDigest, len: usize },
+    Data { prepared: PreparedChunk, len: usize },
     Inline { len: usize },
 }
 
@@ -84,13 +84,19 @@ pub fn run(
         }
     };
     let mut stats = PipelineStats::default();
+    let compression = store.compression();
 
     std::thread::scope(|s| -> Result<()> {
         for _ in 0..threads {
             let free_rx = free_rx.clone();
             let done_tx = done_tx.clone();
             let cursor = &cursor;
-            s.spawn(move || worker(jobs, cursor, &pieces, free_rx, done_tx, chunk_size, opts));
+            let compressor = Compressor::new(compression)?;
+            s.spawn(move || {
+                worker(
+                    jobs, cursor, &pieces, free_rx, done_tx, chunk_size, opts, compressor,
+                )
+            });
         }
         drop(done_tx);
 
@@ -123,8 +129,8 @@ pub fn run(
                             stats.hole_chunks += 1;
                             list.push(ChunkAddr::HOLE);
                         }
-                        ChunkData::Data { digest, len } => {
-                            list.push(store.put(&digest, &done.buf[..len])?);
+                        ChunkData::Data { ref prepared, len } => {
+                            list.push(store.put(prepared, &done.buf[..len])?);
                         }
                     }
                     if !matches!(done.data, ChunkData::Inline { .. })
@@ -159,6 +165,7 @@ fn worker(
     done_tx: Sender<Result<Done>>,
     chunk_size: usize,
     opts: &PipelineOptions,
+    mut compressor: Compressor,
 ) {
     let mut open: Option<(usize, File)> = None;
     while let Ok(mut buf) = free_rx.recv() {
@@ -178,6 +185,13 @@ fn worker(
         };
         let job = &jobs[job_idx];
         let result = read_chunk(job, job_idx, chunk, &mut open, &mut buf, chunk_size, opts)
+            .and_then(|data| match data {
+                ChunkData::Data { len, .. } => Ok(ChunkData::Data {
+                    prepared: compressor.prepare(&buf[..len])?,
+                    len,
+                }),
+                other => Ok(other),
+            })
             .map(|data| Done {
                 seq,
                 job: job_idx,
@@ -244,7 +258,10 @@ fn read_chunk(
         return Ok(ChunkData::Hole);
     }
     Ok(ChunkData::Data {
-        digest: *blake3::hash(&buf[..len]).as_bytes(),
+        prepared: PreparedChunk {
+            digest: [0; 32],
+            payload: None,
+        },
         len,
     })
 }

@@ -1,7 +1,8 @@
-//! The chunk store: deduplicates chunks by content and appends new ones to a blob.
+//! The chunk store: deduplicates chunks by content and appends new ones to the current blob.
 //!
-//! Chunks are placed block-aligned in the blob, in the order they are first seen, so the
-//! blob is the uncompressed layout the kernel reads through chunk indexes.
+//! Each blob is written in its remote form (see [`lode_format::blob`]): payloads, then the
+//! chunk table and trailer. A build may write several blobs (one per OCI layer); a chunk
+//! already stored in any of them, or in a chunk dictionary, is referenced, not stored again.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -9,123 +10,275 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use lode_format::manifest::BlobRef;
+use lode_format::blob::{encode_table, ChunkEntry, Compression, CHUNK_FLAG_RAW};
+use lode_format::manifest::DataBlob;
 use lode_format::tree::ChunkAddr;
 use sha2::{Digest, Sha256};
 
 /// Identity of a chunk's content (blake3 of its bytes).
 pub type ChunkDigest = [u8; 32];
 
-/// Appends deduplicated chunks to one blob being written.
-pub struct ChunkStore {
-    block_size: u64,
+/// zstd level for blob payloads: fast to build, and most of the size win.
+pub const ZSTD_LEVEL: i32 = 3;
+
+/// A chunk hashed (and compressed) off the storing thread.
+pub struct PreparedChunk {
+    pub digest: ChunkDigest,
+    /// The compressed payload, or `None` to store the raw bytes.
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Per-thread compression state (zstd contexts are worth reusing).
+pub struct Compressor {
+    compression: Compression,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl Compressor {
+    pub fn new(compression: Compression) -> Result<Self> {
+        let zstd = match compression {
+            Compression::Zstd => {
+                Some(zstd::bulk::Compressor::new(ZSTD_LEVEL).context("creating a zstd context")?)
+            }
+            _ => None,
+        };
+        Ok(Compressor { compression, zstd })
+    }
+
+    /// Hashes `data` and compresses it if that makes it smaller.
+    pub fn prepare(&mut self, data: &[u8]) -> Result<PreparedChunk> {
+        let digest = *blake3::hash(data).as_bytes();
+        let payload = match self.compression {
+            Compression::None => None,
+            Compression::Zstd => Some(
+                self.zstd
+                    .as_mut()
+                    .expect("zstd context")
+                    .compress(data)
+                    .context("zstd compression")?,
+            ),
+            Compression::Lz4 => Some(lz4_flex::block::compress(data)),
+        };
+        Ok(PreparedChunk {
+            digest,
+            payload: payload.filter(|p| p.len() < data.len()),
+        })
+    }
+}
+
+/// The blob being written.
+struct BlobWriter {
     device: u16,
-    known: HashMap<ChunkDigest, u32>,
     tmp: tempfile::NamedTempFile<BufWriter<File>>,
     sha: Sha256,
-    /// Bytes written so far (always a multiple of the block size).
-    len: u64,
-    pub stats: StoreStats,
+    /// Bytes of the remote form written so far.
+    written: u64,
+    /// Blocks of the uncompressed layout so far.
+    blocks: u64,
+    entries: Vec<ChunkEntry>,
+}
+
+impl BlobWriter {
+    fn write(&mut self, bytes: &[u8]) -> Result<()> {
+        self.tmp
+            .as_file_mut()
+            .write_all(bytes)
+            .context("writing blob")?;
+        self.sha.update(bytes);
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default)]
 pub struct StoreStats {
     pub chunks: u64,
     pub unique_chunks: u64,
+    /// Uncompressed bytes of the unique chunks.
     pub stored_bytes: u64,
+    /// Bytes of payloads written (after compression).
+    pub payload_bytes: u64,
     pub deduplicated_bytes: u64,
 }
 
+pub struct ChunkStore {
+    dir: PathBuf,
+    block_size: u64,
+    compression: Compression,
+    known: HashMap<ChunkDigest, ChunkAddr>,
+    current: Option<BlobWriter>,
+    blobs: Vec<DataBlob>,
+    /// Device ids taken by blobs of a chunk dictionary (they come first in the table).
+    dict_blobs: Vec<DataBlob>,
+    pub stats: StoreStats,
+}
+
 impl ChunkStore {
-    /// A store writing a new blob into `dir` as device `device` of the image.
-    pub fn new(dir: &Path, block_size: u32, device: u16) -> Result<Self> {
+    /// A store writing blobs into `dir`.
+    pub fn new(dir: &Path, block_size: u32, compression: Compression) -> Self {
+        ChunkStore {
+            dir: dir.to_path_buf(),
+            block_size: block_size as u64,
+            compression,
+            known: HashMap::new(),
+            current: None,
+            blobs: Vec::new(),
+            dict_blobs: Vec::new(),
+            stats: StoreStats::default(),
+        }
+    }
+
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Makes the chunks of an existing blob (of a chunk dictionary or an earlier image)
+    /// available for deduplication. Must be called before anything is stored.
+    pub fn add_known_blob(
+        &mut self,
+        blob: DataBlob,
+        chunks: impl IntoIterator<Item = (ChunkDigest, u32)>,
+    ) {
+        assert!(self.blobs.is_empty() && self.current.is_none());
+        self.dict_blobs.push(blob);
+        let device = self.dict_blobs.len() as u16;
+        for (digest, blkaddr) in chunks {
+            self.known
+                .entry(digest)
+                .or_insert(ChunkAddr { device, blkaddr });
+        }
+    }
+
+    /// Stores one chunk (unless the same bytes are stored already) and returns its address.
+    pub fn put(&mut self, prepared: &PreparedChunk, data: &[u8]) -> Result<ChunkAddr> {
+        self.stats.chunks += 1;
+        if let Some(&addr) = self.known.get(&prepared.digest) {
+            self.stats.deduplicated_bytes += data.len() as u64;
+            return Ok(addr);
+        }
+        if self.current.is_none() {
+            self.current = Some(self.new_blob()?);
+        }
+        let bs = self.block_size;
+        let compression = self.compression;
+        let w = self.current.as_mut().expect("current blob");
+        let blkaddr = u32::try_from(w.blocks).context("blob exceeds 2^32 blocks")?;
+        let padded = (data.len() as u64).next_multiple_of(bs);
+        let (offset, len, flags) = match (&prepared.payload, compression) {
+            (_, Compression::None) => {
+                // The remote form is the uncompressed layout: pad to the block.
+                let offset = w.written;
+                w.write(data)?;
+                w.write(&ZEROS[..(padded - data.len() as u64) as usize])?;
+                (offset, data.len(), CHUNK_FLAG_RAW)
+            }
+            (Some(payload), _) => {
+                let offset = w.written;
+                w.write(payload)?;
+                (offset, payload.len(), 0)
+            }
+            (None, _) => {
+                let offset = w.written;
+                w.write(data)?;
+                (offset, data.len(), CHUNK_FLAG_RAW)
+            }
+        };
+        w.blocks += padded / bs;
+        w.entries.push(ChunkEntry {
+            blkaddr: blkaddr.into(),
+            uncompressed_len: (data.len() as u32).into(),
+            compressed_offset: offset.into(),
+            compressed_len: (len as u32).into(),
+            flags: flags.into(),
+            digest: prepared.digest,
+        });
+        let addr = ChunkAddr {
+            device: w.device,
+            blkaddr,
+        };
+        self.known.insert(prepared.digest, addr);
+        self.stats.unique_chunks += 1;
+        self.stats.stored_bytes += data.len() as u64;
+        self.stats.payload_bytes += len as u64;
+        Ok(addr)
+    }
+
+    fn new_blob(&self) -> Result<BlobWriter> {
         let tmp = tempfile::Builder::new()
             .prefix(".blob-")
-            .make_in(dir, |p| {
+            .make_in(&self.dir, |p| {
                 File::options()
                     .write(true)
                     .create_new(true)
                     .open(p)
                     .map(|f| BufWriter::with_capacity(1 << 20, f))
             })
-            .with_context(|| format!("creating a blob in {}", dir.display()))?;
-        Ok(ChunkStore {
-            block_size: block_size as u64,
+            .with_context(|| format!("creating a blob in {}", self.dir.display()))?;
+        let device = u16::try_from(self.dict_blobs.len() + self.blobs.len() + 1)
+            .ok()
+            .filter(|&d| d < u16::MAX)
+            .context("too many blobs for one image")?;
+        Ok(BlobWriter {
             device,
-            known: HashMap::new(),
             tmp,
             sha: Sha256::new(),
-            len: 0,
-            stats: StoreStats::default(),
+            written: 0,
+            blocks: 0,
+            entries: Vec::new(),
         })
     }
 
-    /// Stores one chunk (unless the same bytes are stored already) and returns its address.
-    pub fn put(&mut self, digest: &ChunkDigest, data: &[u8]) -> Result<ChunkAddr> {
-        self.stats.chunks += 1;
-        if let Some(&blkaddr) = self.known.get(digest) {
-            self.stats.deduplicated_bytes += data.len() as u64;
-            return Ok(ChunkAddr {
-                device: self.device,
-                blkaddr,
-            });
-        }
-        let blkaddr = u32::try_from(self.len / self.block_size)
-            .context("blob exceeds 2^32 blocks")?;
-        let padded = (data.len() as u64).next_multiple_of(self.block_size);
-        let pad = &ZEROS[..(padded - data.len() as u64) as usize];
-        let w = self.tmp.as_file_mut();
-        w.write_all(data)
-            .and_then(|_| w.write_all(pad))
-            .context("writing blob")?;
-        self.sha.update(data);
-        self.sha.update(pad);
-        self.len += padded;
-        self.known.insert(*digest, blkaddr);
-        self.stats.unique_chunks += 1;
-        self.stats.stored_bytes += data.len() as u64;
-        Ok(ChunkAddr {
-            device: self.device,
-            blkaddr,
-        })
-    }
-
-    /// Size of the blob so far, in blocks.
-    pub fn blocks(&self) -> u64 {
-        self.len / self.block_size
-    }
-
-    /// Finishes the blob: names it `<dir>/<hex sha256>` and returns its reference,
-    /// or `None` (and no file) if no chunk was stored.
-    pub fn finish(self) -> Result<Option<(BlobRef, PathBuf)>> {
-        if self.len == 0 {
-            return Ok(None);
-        }
-        let hex = hex::encode(self.sha.finalize());
-        let dir = self
-            .tmp
-            .path()
-            .parent()
-            .expect("blob has a parent dir")
-            .to_path_buf();
-        let path = dir.join(&hex);
-        let (writer, tmp_path) = self.tmp.into_parts();
-        let file = writer.into_inner().context("flushing blob")?;
-        drop(file);
-        std::fs::set_permissions(&tmp_path, std::os::unix::fs::PermissionsExt::from_mode(0o644))
-            .with_context(|| format!("writing blob {}", path.display()))?;
+    /// Closes the current blob (if any chunk went into it); the next chunk starts a new one.
+    pub fn finish_blob(&mut self) -> Result<()> {
+        let Some(mut w) = self.current.take() else {
+            return Ok(());
+        };
+        let table_offset = w.written;
+        let uncompressed_size = w.blocks * self.block_size;
+        let table = encode_table(
+            &w.entries,
+            self.compression,
+            table_offset,
+            uncompressed_size,
+        );
+        w.write(&table)?;
+        let hex = hex::encode(w.sha.finalize());
+        let path = self.dir.join(&hex);
+        let (writer, tmp_path) = w.tmp.into_parts();
+        writer.into_inner().context("flushing blob")?;
+        std::fs::set_permissions(
+            &tmp_path,
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .with_context(|| format!("writing blob {}", path.display()))?;
         tmp_path
             .persist(&path)
             .with_context(|| format!("naming blob {}", path.display()))?;
-        Ok(Some((
-            BlobRef {
-                digest: format!("sha256:{hex}"),
-                size: self.len,
-            },
-            path,
-        )))
+        self.blobs.push(DataBlob {
+            digest: format!("sha256:{hex}"),
+            size: w.written,
+            uncompressed_size,
+            compression: self.compression,
+            table_offset,
+            chunk_count: w.entries.len() as u64,
+        });
+        Ok(())
+    }
+
+    /// Finishes the last blob and returns every blob of the image in device order
+    /// (chunk-dictionary blobs first).
+    pub fn finish(mut self) -> Result<Vec<DataBlob>> {
+        self.finish_blob()?;
+        let mut all = self.dict_blobs;
+        all.extend(self.blobs);
+        Ok(all)
     }
 }
 
-/// 64 KiB of zeros: padding source (block sizes are at most 4 KiB).
-static ZEROS: [u8; 65536] = [0; 65536];
+/// Padding source (block sizes are at most 4 KiB).
+static ZEROS: [u8; 4096] = [0; 4096];
+
+/// Path of blob `hex` in an image directory's blobs dir.
+pub fn blob_path(blobs_dir: &Path, blob: &DataBlob) -> PathBuf {
+    blobs_dir.join(blob.hex())
+}

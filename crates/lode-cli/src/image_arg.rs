@@ -49,6 +49,11 @@ pub fn open_image_with_devices(path: &Path, explicit_devices: &[PathBuf]) -> Res
     let mut image = Image::open(Box::new(primary))
         .with_context(|| format!("cannot read EROFS image {}", primary_path.display()))?;
 
+    let lode_blobs = if metadata.is_dir() && path.join("image.json").exists() {
+        lode_mount::local::read_manifest(path)?.blobs
+    } else {
+        Vec::new()
+    };
     let slots = image.devices().to_vec();
     if explicit_devices.len() > slots.len() {
         bail!(
@@ -70,7 +75,15 @@ pub fn open_image_with_devices(path: &Path, explicit_devices: &[PathBuf]) -> Res
                     device_path.display()
                 )
             })?;
-            image.set_device(index, Box::new(file));
+            // A lode blob is read through its chunk table (decompressed and verified).
+            let blob = lode_blobs.iter().find(|b| b.hex() == slot.tag);
+            match blob {
+                Some(blob) if explicit_devices.get(index).is_none() => {
+                    let view = lode_storage::chunks::UncompressedView::open(file, blob.clone())?;
+                    image.set_device(index, Box::new(view));
+                }
+                _ => image.set_device(index, Box::new(file)),
+            }
         }
     }
     Ok(image)

@@ -28,21 +28,27 @@ fn manifest(img: &Path) -> ImageManifest {
 /// Mounts an image directory with `lode mount --mode local`; unmounted when dropped.
 fn mount_local(img: &Path, mnt: &Path) -> MountGuard {
     std::fs::create_dir_all(mnt).unwrap();
+    let cache = mnt.parent().unwrap().join("cache");
     run(lode()
-        .args(["mount", "--mode", "local"])
+        .args(["mount", "--mode", "local", "--cache-dir"])
+        .arg(&cache)
         .arg(img)
         .arg(mnt));
     MountGuard::new(mnt)
 }
 
-/// `fsck.erofs` (erofs-utils) must accept the image, with every blob as `--device`.
+/// `fsck.erofs` (erofs-utils) must accept the image, with every blob's uncompressed layout
+/// (the blob itself, or its expansion in the cache a local mount made) as `--device`.
 fn fsck(img: &Path) {
     let mut cmd = Command::new("fsck.erofs");
+    let cache = img.parent().unwrap().join("cache");
     for b in manifest(img).blobs {
-        cmd.arg(format!(
-            "--device={}",
-            img.join("blobs").join(b.hex()).display()
-        ));
+        let dev = if b.is_direct() {
+            img.join("blobs").join(b.hex())
+        } else {
+            lode_storage::cache::materialize(&cache, &b, &img.join("blobs").join(b.hex())).unwrap()
+        };
+        cmd.arg(format!("--device={}", dev.display()));
     }
     run(cmd.arg(img.join("bootstrap")));
 }
@@ -94,8 +100,15 @@ fn every_chunk_size_and_no_inlining_round_trip() {
     let spec = sample_tree(TreeParams::default(), 7);
     let src = materialized(&spec, work.path());
     for (i, args) in [
-        vec!["--chunk-size", "4K"],
-        vec!["--chunk-size", "64K", "--inline-max", "0"],
+        vec!["--chunk-size", "4K", "--compress", "lz4"],
+        vec![
+            "--chunk-size",
+            "64K",
+            "--inline-max",
+            "0",
+            "--compress",
+            "none",
+        ],
         vec!["--chunk-size", "64M", "--inline-max", "4000"],
     ]
     .iter()
@@ -148,9 +161,9 @@ fn identical_chunks_are_stored_once_and_holes_stay_holes() {
     f.write_all_at(b"past 4 GiB", (4 << 30) + 12345).unwrap();
     f.write_all_at(b"tail", (6 << 30) - 4).unwrap();
     drop(f);
-    let img = check_roundtrip(&src, work.path(), &[]);
+    let img = check_roundtrip(&src, work.path(), &["--compress", "none"]);
     let m = manifest(&img);
-    let blob_bytes: u64 = m.blobs.iter().map(|b| b.size).sum();
+    let blob_bytes: u64 = m.blobs.iter().map(|b| b.uncompressed_size).sum();
     // 3 MiB of unique data (stored once for two files) plus the three 1 MiB chunks of the
     // sparse file that hold data; the other 6141 chunks are holes.
     assert_eq!(blob_bytes, 6 << 20);
@@ -203,10 +216,16 @@ fn bad_input_gives_clear_errors() {
     };
     let s = src.to_str().unwrap();
     let o = out.to_str().unwrap();
-    check(&["build", s, "-o", o, "--chunk-size", "3000"], "chunk size 3000");
+    check(
+        &["build", s, "-o", o, "--chunk-size", "3000"],
+        "chunk size 3000",
+    );
     check(&["build", s, "-o", o, "--chunk-size", "128M"], "chunk size");
     check(&["build", s, "-o", o, "--chunk-size", "lots"], "lots");
-    check(&["build", "/nonexistent-lode-src", "-o", o], "/nonexistent-lode-src");
+    check(
+        &["build", "/nonexistent-lode-src", "-o", o],
+        "/nonexistent-lode-src",
+    );
     check(&["build", &format!("{s}/f"), "-o", o], "is not a directory");
 
     // A blob that is missing or truncated is named, and nothing is mounted.
@@ -215,11 +234,20 @@ fn bad_input_gives_clear_errors() {
     let mnt = work.path().join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     std::fs::write(&blob, b"short").unwrap();
-    let fail = run_fail(lode().args(["mount", "--mode", "local"]).arg(&out).arg(&mnt));
+    let cache = work.path().join("cache");
+    let local = || {
+        let mut c = lode();
+        c.args(["mount", "--mode", "local", "--cache-dir"])
+            .arg(&cache)
+            .arg(&out)
+            .arg(&mnt);
+        c
+    };
+    let fail = run_fail(local());
     let err = String::from_utf8_lossy(&fail.stderr);
     assert!(err.contains(manifest(&out).blobs[0].hex()), "{err}");
     std::fs::remove_file(&blob).unwrap();
-    run_fail(lode().args(["mount", "--mode", "local"]).arg(&out).arg(&mnt));
+    run_fail(local());
     assert!(!lode_testkit::mount::is_mounted(&mnt));
 }
 

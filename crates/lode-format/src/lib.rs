@@ -2,6 +2,7 @@
 //! image ([`reader`]), the in-memory [`tree`] the builder fills and the bootstrap [`writer`]
 //! that lays it out, and the image directory [`manifest`]. No network, no cache policy.
 
+pub mod blob;
 pub mod error;
 pub mod format;
 pub mod manifest;

@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::blob::Compression;
+
 /// Version of the image directory layout this code writes.
 pub const FORMAT_VERSION: u32 = 1;
 pub const BOOTSTRAP_FILE: &str = "bootstrap";
@@ -26,6 +28,33 @@ impl BlobRef {
     }
 }
 
+/// A data blob in its remote form (see [`crate::blob`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataBlob {
+    /// `sha256:<64 hex digits>` of the remote form; the hex part is the device-table tag.
+    pub digest: String,
+    /// Size of the remote form.
+    pub size: u64,
+    /// Size of the uncompressed layout the kernel reads (a whole number of blocks).
+    pub uncompressed_size: u64,
+    pub compression: Compression,
+    /// Where the chunk table starts in the remote form; it runs to 64 bytes before the end.
+    pub table_offset: u64,
+    pub chunk_count: u64,
+}
+
+impl DataBlob {
+    /// The hex part of the digest: the blob's file name and its device-table tag.
+    pub fn hex(&self) -> &str {
+        self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
+
+    /// The remote form doubles as the uncompressed layout (it is uncompressed).
+    pub fn is_direct(&self) -> bool {
+        self.compression == Compression::None
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ImageManifest {
     pub format_version: u32,
@@ -33,5 +62,5 @@ pub struct ImageManifest {
     pub chunk_size: u32,
     pub bootstrap: BlobRef,
     /// Blob `i` is device `i + 1` of the bootstrap's device table.
-    pub blobs: Vec<BlobRef>,
+    pub blobs: Vec<DataBlob>,
 }

@@ -25,8 +25,9 @@ pub fn read_manifest(image_dir: &Path) -> Result<ImageManifest> {
     Ok(m)
 }
 
-/// Mounts the image directory `image_dir` at `target` with every blob local.
-pub fn mount(image_dir: &Path, target: &Path) -> Result<()> {
+/// Mounts the image directory `image_dir` at `target` with every blob local. Blobs stored
+/// compressed are expanded into `cache_dir` first; uncompressed ones are used in place.
+pub fn mount(image_dir: &Path, target: &Path, cache_dir: &Path) -> Result<()> {
     let image_dir = fs::canonicalize(image_dir)
         .with_context(|| format!("image directory {}", image_dir.display()))?;
     let m = read_manifest(&image_dir)?;
@@ -41,7 +42,14 @@ pub fn mount(image_dir: &Path, target: &Path) -> Result<()> {
                 blob.digest
             )
         })?;
-        devices.push(path);
+        if blob.is_direct() {
+            devices.push(path);
+        } else {
+            devices.push(
+                lode_storage::cache::materialize(cache_dir, blob, &path)
+                    .with_context(|| format!("expanding blob {} into the cache", blob.digest))?,
+            );
+        }
     }
     ErofsMount { bootstrap, devices }.mount(target)
 }

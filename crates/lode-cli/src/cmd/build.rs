@@ -18,6 +18,9 @@ pub struct Args {
     /// Files up to this many bytes are stored in the bootstrap instead of a blob.
     #[arg(long, default_value_t = DEFAULT_INLINE_MAX)]
     pub inline_max: u64,
+    /// Compression of blob chunks (the local cache always holds them uncompressed).
+    #[arg(long, default_value = "zstd")]
+    pub compress: lode_format::blob::Compression,
     /// Worker threads reading and hashing file data (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
@@ -33,7 +36,10 @@ fn parse_size(s: &str) -> Result<String, String> {
 /// Parses `4096`, `64K`, `1M`, `1MiB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
     let t = s.trim();
-    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mul) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
@@ -53,6 +59,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut opts = BuildOptions {
         chunk_size,
         inline_max: args.inline_max,
+        compression: args.compress,
         ..Default::default()
     };
     if let Some(t) = args.threads {
@@ -77,9 +84,10 @@ pub fn run(args: Args) -> Result<()> {
             report.input_bytes as f64 / 1e6 / secs.max(1e-9),
         );
         println!(
-            "bootstrap {:.1} MB, blobs {:.1} MB; {} chunks, {} unique, {} holes, {:.1} MB deduplicated",
+            "bootstrap {:.1} MB, blobs {:.1} MB ({:.1} MB uncompressed); {} chunks, {} unique, {} holes, {:.1} MB deduplicated",
             report.bootstrap_bytes as f64 / 1e6,
             report.blob_bytes as f64 / 1e6,
+            report.stored_bytes as f64 / 1e6,
             report.chunks,
             report.unique_chunks,
             report.hole_chunks,

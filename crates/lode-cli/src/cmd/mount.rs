@@ -19,11 +19,14 @@ pub struct Args {
     /// How the image is served.
     #[arg(long, value_enum, default_value_t = Mode::Local)]
     pub mode: Mode,
+    /// Where uncompressed blob data is kept.
+    #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
+    pub cache_dir: PathBuf,
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.mode {
-        Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint)?,
+        Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint, &args.cache_dir)?,
     }
     Ok(())
 }

@@ -124,6 +124,19 @@ impl<'a> Target<'a> {
     fn scope_key(&self) -> String {
         self.scopes.join(" ")
     }
+    /// Cache keys of tokens that would do, best first: a `pull,push` token serves a pull.
+    fn usable_keys(&self) -> Vec<String> {
+        let mut keys = vec![self.scope_key()];
+        if let [only] = &self.scopes[..] {
+            if let Some(repo) = only
+                .strip_prefix("repository:")
+                .and_then(|s| s.strip_suffix(":pull"))
+            {
+                keys.push(format!("repository:{repo}:pull,push"));
+            }
+        }
+        keys
+    }
 }
 
 impl RegistryClient {
@@ -228,10 +241,14 @@ impl RegistryClient {
             None => Ok(None),
             Some(AuthScheme::Basic) => Ok(self.credentials(t.reference)?.map(|c| c.basic_header())),
             Some(AuthScheme::Bearer { realm, service }) => {
-                let key = (host, t.scope_key());
-                if let Some((tok, exp)) = self.state().tokens.get(&key) {
-                    if *exp > Instant::now() {
-                        return Ok(Some(format!("Bearer {tok}")));
+                {
+                    let st = self.state();
+                    for key in t.usable_keys() {
+                        if let Some((tok, exp)) = st.tokens.get(&(host.clone(), key)) {
+                            if *exp > Instant::now() {
+                                return Ok(Some(format!("Bearer {tok}")));
+                            }
+                        }
                     }
                 }
                 let tok = self.fetch_token(t, &realm, service.as_deref())?;
@@ -329,15 +346,21 @@ impl RegistryClient {
                 reason: "Bearer challenge without realm".into(),
             })?;
             let service = c.param("service").map(str::to_string);
+            {
+                let mut st = self.state();
+                for key in t.usable_keys() {
+                    st.tokens.remove(&(host.clone(), key));
+                }
+            }
+            // Remember the scheme only once it worked: a bad challenge must not stick.
+            self.fetch_token(t, realm, service.as_deref())?;
             self.state().schemes.insert(
-                host.clone(),
+                host,
                 AuthScheme::Bearer {
                     realm: realm.to_string(),
-                    service: service.clone(),
+                    service,
                 },
             );
-            self.state().tokens.remove(&(host, t.scope_key()));
-            self.fetch_token(t, realm, service.as_deref())?;
             return Ok(true);
         }
         if challenges.iter().any(|c| c.scheme == "basic") {
@@ -577,10 +600,14 @@ impl RegistryClient {
 
     /// HEAD a blob: whether the repository has it.
     pub fn blob_exists(&self, repo: &Reference, digest: &str) -> Result<bool> {
+        self.blob_exists_as(&Target::pull(repo), digest)
+    }
+
+    fn blob_exists_as(&self, t: &Target, digest: &str) -> Result<bool> {
         validate_digest(digest)?;
-        let t = Target::pull(repo);
+        let repo = t.reference;
         let url = self.url(repo, &format!("blobs/{digest}"))?;
-        let resp = self.execute(&t, Method::HEAD, &url, true, &mut |rb| Ok(rb))?;
+        let resp = self.execute(t, Method::HEAD, &url, true, &mut |rb| Ok(rb))?;
         match resp.status().as_u16() {
             200..=299 => Ok(true),
             404 => Ok(false),
@@ -781,10 +808,11 @@ impl RegistryClient {
                 actual: meta.len(),
             });
         }
-        if self.blob_exists(repo, digest)? {
+        // HEAD with the push scope: one token for the whole push.
+        let t = Target::push(repo);
+        if self.blob_exists_as(&t, digest)? {
             return Ok(false);
         }
-        let t = Target::push(repo);
         let mut attempt = 0;
         loop {
             let location = self.start_upload(&t, None)?.1;

@@ -62,7 +62,11 @@ impl TestRegistry {
     }
 
     pub fn start_with(auth: TestAuth) -> Self {
-        let bin = registry_binary();
+        Self::start_with_binary(&registry_binary(), auth)
+    }
+
+    /// Start `bin` (a `docker-registry`); panics with "run scripts/setup.sh" if it is missing.
+    pub fn start_with_binary(bin: &Path, auth: TestAuth) -> Self {
         if !bin.exists() {
             panic!(
                 "{} not found: the registry tests need Debian's docker-registry; run scripts/setup.sh",
@@ -79,7 +83,7 @@ impl TestRegistry {
             let config = write_config(dir.path(), port, &auth);
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path).expect("registry log file");
-            let child = Command::new(&bin)
+            let child = Command::new(bin)
                 .arg("serve")
                 .arg(&config)
                 .stdin(Stdio::null())
@@ -132,6 +136,16 @@ impl TestRegistry {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// The registry process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The temporary directory (config, storage, log); removed on drop.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
     }
 
     pub fn addr(&self) -> SocketAddr {

@@ -20,7 +20,10 @@ fn read(p: &Path) -> Vec<u8> {
 
 fn blob_names(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir.join("blobs"))
-        .map(|rd| rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -52,7 +55,10 @@ fn push_then_pull_round_trips_every_byte() {
     assert_eq!(read(&dst.join("bootstrap")), read(&src.join("bootstrap")));
     assert_eq!(blob_names(&dst), blob_names(&src));
     for name in blob_names(&src) {
-        assert_eq!(read(&dst.join("blobs").join(&name)), read(&src.join("blobs").join(&name)));
+        assert_eq!(
+            read(&dst.join("blobs").join(&name)),
+            read(&src.join("blobs").join(&name))
+        );
     }
 
     // The manifest is what the registry serves, and says what it should.
@@ -60,8 +66,14 @@ fn push_then_pull_round_trips_every_byte() {
     assert_eq!(m.digest, pushed.manifest_digest);
     assert_eq!(m.media_type, "application/vnd.oci.image.manifest.v1+json");
     let v: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap();
-    assert_eq!(v["config"]["mediaType"], "application/vnd.lode.image.config.v1+json");
-    assert_eq!(v["layers"][0]["mediaType"], "application/vnd.lode.bootstrap.v1");
+    assert_eq!(
+        v["config"]["mediaType"],
+        "application/vnd.lode.image.config.v1+json"
+    );
+    assert_eq!(
+        v["layers"][0]["mediaType"],
+        "application/vnd.lode.bootstrap.v1"
+    );
     assert_eq!(v["layers"][1]["mediaType"], "application/vnd.lode.blob.v1");
     assert_eq!(v["layers"][1]["digest"], sha256(&blobs[0]));
     assert_eq!(v["layers"][3]["digest"], sha256(&blobs[2]));
@@ -114,14 +126,30 @@ fn range_reads_return_exact_slices() {
     std::fs::write(&path, &data).unwrap();
     let r = reg.reference("lode/ranges");
     assert!(!client.blob_exists(&r, &digest).unwrap());
-    assert!(client.push_blob_from_file(&r, &path, &digest, data.len() as u64).unwrap());
+    assert!(client
+        .push_blob_from_file(&r, &path, &digest, data.len() as u64)
+        .unwrap());
     assert!(client.blob_exists(&r, &digest).unwrap());
-    assert!(!client.push_blob_from_file(&r, &path, &digest, data.len() as u64).unwrap());
+    assert!(!client
+        .push_blob_from_file(&r, &path, &digest, data.len() as u64)
+        .unwrap());
 
     let n = data.len() as u64;
-    for (off, len) in [(0, 1), (0, 4096), (1, 4095), (4096, 65536), (777_777, 12_345), (n - 10, 10), (n - 1, 1)] {
+    for (off, len) in [
+        (0, 1),
+        (0, 4096),
+        (1, 4095),
+        (4096, 65536),
+        (777_777, 12_345),
+        (n - 10, 10),
+        (n - 1, 1),
+    ] {
         let got = client.get_blob_range(&r, &digest, off, len).unwrap();
-        assert_eq!(got, &data[off as usize..(off + len) as usize], "{off}+{len}");
+        assert_eq!(
+            got,
+            &data[off as usize..(off + len) as usize],
+            "{off}+{len}"
+        );
     }
     // Past the end: what there is.
     let tail = client.get_blob_range(&r, &digest, n - 5, 100).unwrap();
@@ -145,7 +173,10 @@ fn range_reads_return_exact_slices() {
     let e = client.get_blob_range(&r, &missing, 0, 10).unwrap_err();
     assert!(e.is_not_found(), "{e}");
     assert!(e.to_string().contains("BLOB_UNKNOWN"), "{e}");
-    assert!(e.to_string().contains("/v2/lode/ranges/blobs/sha256:"), "{e}");
+    assert!(
+        e.to_string().contains("/v2/lode/ranges/blobs/sha256:"),
+        "{e}"
+    );
 
     // Cross-repository mount.
     let other = reg.reference("lode/other");
@@ -184,7 +215,10 @@ fn corrupted_bytes_are_detected() {
     let e = pull_image(&client, &r, &dst2, true).unwrap_err();
     assert!(matches!(e, Error::DigestMismatch { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains(&sha256(&blob)) && msg.contains(&sha256(&bad)), "{msg}");
+    assert!(
+        msg.contains(&sha256(&blob)) && msg.contains(&sha256(&bad)),
+        "{msg}"
+    );
     assert!(!dst2.join("blobs").join(name).exists());
     assert!(!dst2.join("image.json").exists());
     let leftovers: Vec<_> = std::fs::read_dir(dst2.join("blobs")).unwrap().collect();
@@ -234,7 +268,10 @@ fn basic_auth_for_real() {
     let e = pull_image(&wrong, &r, &tmp.path().join("x"), false).unwrap_err();
     assert!(matches!(e, Error::Auth { .. }), "{e:?}");
     let msg = e.to_string();
-    assert!(msg.contains(&reg.host()) && msg.contains("\"alice\"") && msg.contains("rejected"), "{msg}");
+    assert!(
+        msg.contains(&reg.host()) && msg.contains("\"alice\"") && msg.contains("rejected"),
+        "{msg}"
+    );
     assert!(msg.contains("401"), "{msg}");
 
     // No credentials at all.
@@ -244,7 +281,10 @@ fn basic_auth_for_real() {
     })
     .unwrap();
     let msg = anon.get_manifest(&r, &[]).unwrap_err().to_string();
-    assert!(msg.contains("requires authentication") && msg.contains("no-auth-file.json"), "{msg}");
+    assert!(
+        msg.contains("requires authentication") && msg.contains("no-auth-file.json"),
+        "{msg}"
+    );
 
     // Credentials from a docker config.json: `auth` (base64) and username/password forms.
     for entry in [
@@ -277,8 +317,9 @@ fn not_a_lode_image_is_reported() {
     let e = pull_image(&client, &r, &tmp.path().join("dst"), true).unwrap_err();
     let msg = e.to_string();
     assert!(
-        msg.contains(&format!("{r} is not a lode image (config media type application/vnd.oci.image.config.v1+json)"))
-            && msg.contains("lode convert"),
+        msg.contains(&format!(
+            "{r} is not a lode image (config media type application/vnd.oci.image.config.v1+json)"
+        )) && msg.contains("lode convert"),
         "{msg}"
     );
     assert!(!layer.is_empty());
@@ -290,7 +331,11 @@ fn pull_layers_of_a_skopeo_pushed_multi_platform_image() {
     let client = reg.client();
     let tmp = tempfile::tempdir().unwrap();
     let layout = tmp.path().join("layout");
-    let layers = write_oci_layout(&layout, "multi", &[("arm64", b"arm64 files"), ("amd64", b"amd64 files")]);
+    let layers = write_oci_layout(
+        &layout,
+        "multi",
+        &[("arm64", b"arm64 files"), ("amd64", b"amd64 files")],
+    );
     let r = reg.reference("library/small:multi");
     skopeo_copy(&reg, &format!("oci:{}:multi", layout.display()), &r, true);
 
@@ -299,15 +344,24 @@ fn pull_layers_of_a_skopeo_pushed_multi_platform_image() {
 
     let img = pull_layers(&client, &r, &Platform::default()).unwrap();
     assert_eq!(img.platform, Some(Platform::new("linux", "amd64", None)));
-    assert_eq!(img.config_media_type, "application/vnd.oci.image.config.v1+json");
+    assert_eq!(
+        img.config_media_type,
+        "application/vnd.oci.image.config.v1+json"
+    );
     let config: serde_json::Value = serde_json::from_slice(&img.config).unwrap();
     assert_eq!(config["architecture"], "amd64");
     assert_eq!(img.layers.len(), 1);
     let (want_digest, want_bytes) = &layers["amd64"];
     assert_eq!(&img.layers[0].digest, want_digest);
-    assert_eq!(img.layers[0].media_type, "application/vnd.oci.image.layer.v1.tar+gzip");
+    assert_eq!(
+        img.layers[0].media_type,
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    );
     let mut got = Vec::new();
-    img.open_layer(&client, &img.layers[0]).unwrap().read_to_end(&mut got).unwrap();
+    img.open_layer(&client, &img.layers[0])
+        .unwrap()
+        .read_to_end(&mut got)
+        .unwrap();
     assert_eq!(&got, want_bytes);
     assert_eq!(img.reference.digest(), Some(img.manifest_digest.as_str()));
 
@@ -316,14 +370,19 @@ fn pull_layers_of_a_skopeo_pushed_multi_platform_image() {
 
     let e = pull_layers(&client, &r, &Platform::new("linux", "s390x", None)).unwrap_err();
     let msg = e.to_string();
-    assert!(msg.contains("linux/s390x") && msg.contains("linux/amd64") && msg.contains("linux/arm64"), "{msg}");
+    assert!(
+        msg.contains("linux/s390x") && msg.contains("linux/amd64") && msg.contains("linux/arm64"),
+        "{msg}"
+    );
 
     // A lode image is refused by pull_layers.
     let src = tmp.path().join("lode");
     make_image_dir(&src, b"boot", &[]);
     let lr = reg.reference("lode/img:1");
     push_image(&client, &src, &lr).unwrap();
-    let msg = pull_layers(&client, &lr, &Platform::default()).unwrap_err().to_string();
+    let msg = pull_layers(&client, &lr, &Platform::default())
+        .unwrap_err()
+        .to_string();
     assert!(msg.contains("already a lode image"), "{msg}");
 }
 
@@ -359,7 +418,12 @@ fn write_oci_layout(
             .success();
         assert!(ok, "tar");
         let diff_id = sha256(&read(&tar));
-        assert!(Command::new("gzip").arg("-n").arg(&tar).status().unwrap().success());
+        assert!(Command::new("gzip")
+            .arg("-n")
+            .arg(&tar)
+            .status()
+            .unwrap()
+            .success());
         let gz = read(&dir.join(format!("layer-{arch}.tar.gz")));
         let layer = put(&gz);
         let config = serde_json::json!({
@@ -409,7 +473,12 @@ fn write_oci_layout(
 
 fn skopeo_copy(reg: &TestRegistry, src: &str, dst: &Reference, all: bool) {
     let mut cmd = Command::new("skopeo");
-    cmd.args(["--insecure-policy", "copy", "--dest-tls-verify=false", "--preserve-digests"]);
+    cmd.args([
+        "--insecure-policy",
+        "copy",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+    ]);
     if all {
         cmd.arg("--all");
     }
@@ -425,4 +494,37 @@ fn skopeo_copy(reg: &TestRegistry, src: &str, dst: &Reference, all: bool) {
         String::from_utf8_lossy(&out.stderr),
         reg.log()
     );
+}
+
+#[test]
+fn harness_cleans_up_on_panic_and_fails_without_the_binary() {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let s = seen.clone();
+    let r = std::panic::catch_unwind(move || {
+        let reg = TestRegistry::start();
+        *s.lock().unwrap() = Some((reg.pid(), reg.dir().to_path_buf()));
+        panic!("test body fails");
+    });
+    assert!(r.is_err());
+    let (pid, dir) = seen.lock().unwrap().clone().unwrap();
+    // Killed and reaped: no such process (or, if the PID was reused, not our registry).
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    assert!(
+        !String::from_utf8_lossy(&cmdline).contains("docker-registry"),
+        "registry {pid} still running"
+    );
+    assert!(!dir.exists(), "{} left behind", dir.display());
+
+    let r = std::panic::catch_unwind(|| {
+        TestRegistry::start_with_binary(
+            Path::new("/nonexistent/docker-registry"),
+            lode_registry::testing::TestAuth::None,
+        )
+    });
+    let msg = r
+        .err()
+        .and_then(|p| p.downcast::<String>().ok())
+        .map(|s| *s)
+        .unwrap_or_default();
+    assert!(msg.contains("run scripts/setup.sh"), "{msg}");
 }

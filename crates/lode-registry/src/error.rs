@@ -16,8 +16,10 @@ pub enum Error {
     #[error("invalid digest {digest:?}: {reason}")]
     InvalidDigest { digest: String, reason: String },
 
-    /// Connection, TLS or timeout failure, after the retries.
-    #[error("{method} {url}: {source}")]
+    /// Connection, TLS or timeout failure, after the retries. (Like every variant with a
+    /// source, the message leaves the source out: print with `{:#}` (anyhow) or walk
+    /// `source()`.)
+    #[error("{method} {url}")]
     Transport {
         method: String,
         url: String,
@@ -62,7 +64,7 @@ pub enum Error {
     #[error("{url}: invalid response from registry: {reason}")]
     Protocol { url: String, reason: String },
 
-    #[error("{context}: {source}")]
+    #[error("{context}")]
     Io {
         context: String,
         #[source]

@@ -43,6 +43,7 @@ pub struct TestRegistry {
     child: Child,
     addr: SocketAddr,
     auth: TestAuth,
+    tls: bool,
     // Dropped after `child` is killed (Drop::drop runs before the fields are dropped).
     dir: tempfile::TempDir,
 }
@@ -67,6 +68,25 @@ impl TestRegistry {
 
     /// Start `bin` (a `docker-registry`); panics with "run scripts/setup.sh" if it is missing.
     pub fn start_with_binary(bin: &Path, auth: TestAuth) -> Self {
+        Self::start_full(bin, auth, None)
+    }
+
+    /// Serve HTTPS with this certificate and key (PEM); `client_options` then set
+    /// `insecure_tls` instead of `plain_http`.
+    pub fn start_with_tls(auth: TestAuth, cert_pem: &str, key_pem: &str) -> Self {
+        Self::start_full(&registry_binary(), auth, Some((cert_pem, key_pem)))
+    }
+
+    /// HTTPS and Basic auth (user `tls-user`, password `tls-pass`).
+    pub fn start_with_basic_auth_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let auth = TestAuth::Htpasswd {
+            user: "tls-user".into(),
+            password: "tls-pass".into(),
+        };
+        Self::start_with_tls(auth, cert_pem, key_pem)
+    }
+
+    fn start_full(bin: &Path, auth: TestAuth, tls: Option<(&str, &str)>) -> Self {
         if !bin.exists() {
             panic!(
                 "{} not found: the registry tests need Debian's docker-registry; run scripts/setup.sh",
@@ -80,7 +100,7 @@ impl TestRegistry {
                 .tempdir()
                 .expect("tempdir");
             let port = free_port();
-            let config = write_config(dir.path(), port, &auth);
+            let config = write_config(dir.path(), port, &auth, tls);
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path).expect("registry log file");
             let child = Command::new(bin)
@@ -99,6 +119,7 @@ impl TestRegistry {
                 child,
                 addr: SocketAddr::from(([127, 0, 0, 1], port)),
                 auth: auth.clone(),
+                tls: tls.is_some(),
                 dir,
             };
             match reg.wait_ready(Duration::from_secs(30)) {
@@ -125,7 +146,8 @@ impl TestRegistry {
                 return Err(format!("docker-registry exited with {status}"));
             }
             if let Some(code) = http_status(self.addr, "/v2/") {
-                if code == 200 || code == 401 {
+                // A TLS listener answers plain HTTP with 400.
+                if code == 200 || code == 401 || (self.tls && code == 400) {
                     return Ok(());
                 }
             }
@@ -182,11 +204,12 @@ impl TestRegistry {
         Reference::parse(&format!("{}/{name}", self.host())).expect("test reference")
     }
 
-    /// Plain HTTP, the htpasswd user's credentials if any, no auth files of the machine
+    /// Plain HTTP (or HTTPS accepting the test certificate), the htpasswd user's credentials if any, no auth files of the machine
     /// (`docker_config` points at a file that does not exist), 2 retries.
     pub fn client_options(&self) -> ClientOptions {
         ClientOptions {
-            plain_http: true,
+            plain_http: !self.tls,
+            insecure_tls: self.tls,
             credentials: match &self.auth {
                 TestAuth::Htpasswd { user, password } => Some((user.clone(), password.clone())),
                 _ => None,
@@ -215,7 +238,7 @@ fn free_port() -> u16 {
     l.local_addr().expect("local addr").port()
 }
 
-fn write_config(dir: &Path, port: u16, auth: &TestAuth) -> PathBuf {
+fn write_config(dir: &Path, port: u16, auth: &TestAuth, tls: Option<(&str, &str)>) -> PathBuf {
     let storage = dir.join("storage");
     std::fs::create_dir_all(&storage).expect("storage dir");
     let mut yml = format!(
@@ -238,6 +261,16 @@ http:
 ",
         storage = storage.display()
     );
+    if let Some((cert, key)) = tls {
+        let (c, k) = (dir.join("tls.crt"), dir.join("tls.key"));
+        std::fs::write(&c, cert).expect("tls cert");
+        std::fs::write(&k, key).expect("tls key");
+        yml.push_str(&format!(
+            "  tls:\n    certificate: {}\n    key: {}\n",
+            c.display(),
+            k.display()
+        ));
+    }
     match auth {
         TestAuth::None => {}
         TestAuth::Htpasswd { user, password } => {

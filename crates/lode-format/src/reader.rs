@@ -1232,7 +1232,7 @@ fn parse_dir_block(nid: u64, block_index: u64, block: &[u8], bs: usize) -> Resul
     let first_nameoff = dirent_at(0)?.nameoff.get() as usize;
     if first_nameoff < DIRENT_SIZE
         || first_nameoff >= bs
-        || first_nameoff % DIRENT_SIZE != 0
+        || !first_nameoff.is_multiple_of(DIRENT_SIZE)
         || first_nameoff > block.len()
     {
         return Err(bad(format!("invalid de[0].nameoff {first_nameoff}")));
@@ -1279,6 +1279,12 @@ fn parse_dir_block(nid: u64, block_index: u64, block: &[u8], bs: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn image_can_be_shared_between_threads() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Image>();
+    }
 
     #[test]
     fn vec_read_past_end_is_an_error() {

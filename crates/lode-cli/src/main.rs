@@ -10,7 +10,11 @@ mod image_arg;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "lode", version, about = "Lazily served container images in EROFS format")]
+#[command(
+    name = "lode",
+    version,
+    about = "Lazily served container images in EROFS format"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,6 +28,10 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Unmount an image mounted by `lode mount`.
     Umount(cmd::mount::UmountArgs),
+    /// Push an image directory to an OCI registry.
+    Push(cmd::registry::PushArgs),
+    /// Pull an image from an OCI registry (metadata only unless --all).
+    Pull(cmd::registry::PullArgs),
     /// Show the superblock, feature bits, devices and a summary of the tree.
     Inspect(cmd::inspect::Args),
     /// List a directory (or show one entry) in `ls -l` style, without following symlinks.
@@ -40,6 +48,8 @@ fn main() {
         Command::Build(args) => cmd::build::run(args),
         Command::Mount(args) => cmd::mount::run(args),
         Command::Umount(args) => cmd::mount::umount(args),
+        Command::Push(args) => cmd::registry::push(args),
+        Command::Pull(args) => cmd::registry::pull(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),

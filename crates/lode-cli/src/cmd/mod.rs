@@ -5,4 +5,5 @@ pub mod cat;
 pub mod inspect;
 pub mod ls;
 pub mod mount;
+pub mod registry;
 pub mod unpack;

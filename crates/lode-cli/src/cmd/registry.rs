@@ -1,0 +1,111 @@
+//! `lode push`, `lode pull` and the registry options they share with `convert` and `mount`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use lode_registry::{ClientOptions, Reference, RegistryClient};
+
+/// Options for talking to a registry.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RegistryArgs {
+    /// Use plain HTTP (for a local registry on 127.0.0.1).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Accept any TLS certificate.
+    #[arg(long)]
+    pub insecure_tls: bool,
+    /// Credentials as USER:PASSWORD (default: from docker/podman config.json).
+    #[arg(
+        long,
+        value_name = "USER:PASSWORD",
+        env = "LODE_REGISTRY_AUTH",
+        hide_env_values = true
+    )]
+    pub creds: Option<String>,
+    /// A docker config.json to read credentials from.
+    #[arg(long, value_name = "PATH")]
+    pub auth_file: Option<PathBuf>,
+    /// Retries of failed requests (connection errors, 429, 5xx), with backoff.
+    #[arg(long, default_value_t = 4)]
+    pub retries: u32,
+}
+
+impl RegistryArgs {
+    pub fn client(&self) -> Result<RegistryClient> {
+        let credentials = match &self.creds {
+            Some(c) => {
+                let (u, p) = c.split_once(':').context("--creds must be USER:PASSWORD")?;
+                Some((u.to_string(), p.to_string()))
+            }
+            None => None,
+        };
+        Ok(RegistryClient::new(ClientOptions {
+            plain_http: self.plain_http,
+            insecure_tls: self.insecure_tls,
+            credentials,
+            docker_config: self.auth_file.clone(),
+            retries: self.retries,
+            ..Default::default()
+        })?)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct PushArgs {
+    /// Image directory to push.
+    pub image: PathBuf,
+    /// Destination, e.g. 127.0.0.1:5000/app:v1.
+    pub reference: String,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+pub fn push(args: PushArgs) -> Result<()> {
+    let reference = Reference::parse(&args.reference)?;
+    let client = args.registry.client()?;
+    let started = Instant::now();
+    let s = lode_registry::push_image(&client, &args.image, &reference)
+        .with_context(|| format!("pushing {} to {reference}", args.image.display()))?;
+    println!(
+        "pushed {} to {reference}@{}: {} blobs uploaded ({:.1} MB), {} already there, {:.2} s",
+        args.image.display(),
+        s.manifest_digest,
+        s.blobs_uploaded,
+        s.bytes_uploaded as f64 / 1e6,
+        s.blobs_skipped,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct PullArgs {
+    /// Image to pull, e.g. 127.0.0.1:5000/app:v1.
+    pub reference: String,
+    /// Output image directory.
+    pub output: PathBuf,
+    /// Also download every data blob (default: metadata only, data is fetched lazily).
+    #[arg(long)]
+    pub all: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+pub fn pull(args: PullArgs) -> Result<()> {
+    let reference = Reference::parse(&args.reference)?;
+    let client = args.registry.client()?;
+    let started = Instant::now();
+    let s = lode_registry::pull_image(&client, &reference, &args.output, args.all)
+        .with_context(|| format!("pulling {reference}"))?;
+    println!(
+        "pulled {reference}@{} into {}: {:.1} MB fetched, {} blobs fetched, {} already present, {:.2} s",
+        s.manifest_digest,
+        args.output.display(),
+        s.bytes_fetched as f64 / 1e6,
+        s.blobs_fetched,
+        s.blobs_present,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}

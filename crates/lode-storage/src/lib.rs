@@ -3,5 +3,6 @@
 //! local remote-form blob ([`chunks`]), and materializing whole blobs into the local blob
 //! cache ([`cache`]). Backends (HTTP, registry, S3) and fetch scheduling come next.
 
+pub mod backend;
 pub mod cache;
 pub mod chunks;

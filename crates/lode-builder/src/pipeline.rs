@@ -34,6 +34,12 @@ pub struct PipelineStats {
     pub hole_chunks: u64,
 }
 
+/// How many chunk buffers a pipeline with `threads` workers keeps in flight: the
+/// [`BUFFER_BUDGET`], but at least two per worker and two for the consumer.
+pub(crate) fn buffer_count(chunk_size: usize, threads: usize) -> usize {
+    (BUFFER_BUDGET / chunk_size).max(2 * threads + 2)
+}
+
 /// What a worker found in one chunk.
 enum ChunkData {
     Hole,
@@ -64,7 +70,7 @@ pub fn run(
 ) -> Result<PipelineStats> {
     let chunk_size = 1usize << opts.chunk_bits;
     let threads = opts.threads.max(1);
-    let nbufs = (BUFFER_BUDGET / chunk_size).max(2 * threads + 2);
+    let nbufs = buffer_count(chunk_size, threads);
     let (free_tx, free_rx) = bounded::<Vec<u8>>(nbufs);
     for _ in 0..nbufs {
         free_tx.send(Vec::new()).expect("pool has room");
@@ -266,7 +272,8 @@ fn read_chunk(
     })
 }
 
-fn is_zero(data: &[u8]) -> bool {
+/// Whether every byte is zero (such a chunk is stored as a hole).
+pub(crate) fn is_zero(data: &[u8]) -> bool {
     let words = data.chunks_exact(16);
     let tail = words.remainder();
     words

@@ -265,6 +265,11 @@ impl ChunkStore {
         Ok(())
     }
 
+    /// The blobs this store has finished so far (not those of a chunk dictionary), in order.
+    pub fn finished_blobs(&self) -> &[DataBlob] {
+        &self.blobs
+    }
+
     /// Finishes the last blob and returns every blob of the image in device order
     /// (chunk-dictionary blobs first).
     pub fn finish(mut self) -> Result<Vec<DataBlob>> {

@@ -1,14 +1,24 @@
-//! `lode build`: a directory tree into an image directory.
+//! `lode build`: a directory tree, OCI layer tarballs or an OCI image layout into an image
+//! directory.
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use lode_builder::{BuildOptions, DEFAULT_CHUNK_SIZE, DEFAULT_INLINE_MAX};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Source directory.
-    pub source: PathBuf,
+    /// A source directory, or OCI layer tarballs (tar, tar+gzip, tar+zstd) applied in order.
+    #[arg(required_unless_present = "oci_layout")]
+    pub sources: Vec<PathBuf>,
+    /// Build the image TAG (or the only image) of an OCI image layout directory, following
+    /// an index to linux/amd64; every layer's sha256 is checked while it is read.
+    #[arg(long, value_name = "DIR[:TAG]", conflicts_with = "sources")]
+    pub oci_layout: Option<String>,
+    /// Reuse the chunks of an existing lode image: chunks found there are referenced, not
+    /// stored again, and the blobs used are linked (or copied) into the output.
+    #[arg(long, value_name = "IMAGE_DIR")]
+    pub chunk_dict: Option<PathBuf>,
     /// Output image directory (created; holds bootstrap, blobs/ and image.json).
     #[arg(short, long)]
     pub output: PathBuf,
@@ -27,6 +37,22 @@ pub struct Args {
     /// Print the build report as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// A file source must look like a layer tarball; say so plainly when it does not.
+fn check_layer_file(path: &std::path::Path) -> Result<()> {
+    use std::io::Read;
+    let mut head = Vec::with_capacity(512);
+    std::fs::File::open(path)
+        .and_then(|f| f.take(512).read_to_end(&mut head))
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    if !lode_builder::tarstream::looks_like_layer(&head) {
+        bail!(
+            "{} is not a directory, nor a layer tarball (tar, tar+gzip or tar+zstd)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 fn parse_size(s: &str) -> Result<String, String> {
@@ -65,7 +91,33 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(t) = args.threads {
         opts.threads = t;
     }
-    let report = lode_builder::build_dir(&args.source, &args.output, &opts)?;
+    let dict = args.chunk_dict.as_deref();
+    let (report, source) = if let Some(layout) = &args.oci_layout {
+        let (dir, tag) = lode_builder::oci_layout::parse_arg(layout);
+        let report =
+            lode_builder::build_oci_layout(&dir, tag.as_deref(), &args.output, &opts, dict)?;
+        (report, layout.clone())
+    } else {
+        let dirs = args.sources.iter().filter(|p| p.is_dir()).count();
+        match (dirs, args.sources.as_slice()) {
+            (1, [dir]) => (
+                lode_builder::build_dir_with_dict(dir, &args.output, &opts, dict)?,
+                dir.display().to_string(),
+            ),
+            (0, layers) => (
+                {
+                    for path in layers {
+                        check_layer_file(path)?;
+                    }
+                    lode_builder::build_layers(layers, &args.output, &opts, dict)?
+                },
+                format!("{} layer(s)", layers.len()),
+            ),
+            _ => bail!(
+                "a directory source cannot be combined with other sources: give one directory, or layer tarballs"
+            ),
+        }
+    };
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["elapsed_seconds"] = report.elapsed.as_secs_f64().into();
@@ -75,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         println!(
             "built {} from {}: {} inodes, {} files ({} inlined), {:.1} MB in {:.2} s ({:.0} MB/s)",
             args.output.display(),
-            args.source.display(),
+            source,
             report.inodes,
             report.files,
             report.inlined_files,
@@ -93,6 +145,26 @@ pub fn run(args: Args) -> Result<()> {
             report.hole_chunks,
             report.deduplicated_bytes as f64 / 1e6,
         );
+        for (i, l) in report.layers.iter().enumerate() {
+            println!(
+                "layer {} {}: {:?}, {:.1} MB read, {:.1} MB tar, {} entries, {:.1} MB new in blob {}, {:.1} MB deduplicated",
+                i + 1,
+                l.name,
+                l.format,
+                l.input_bytes as f64 / 1e6,
+                l.tar_bytes as f64 / 1e6,
+                l.entries,
+                l.stored_bytes as f64 / 1e6,
+                l.blob.as_deref().map_or("(none)", |d| &d[..d.len().min(19)]),
+                l.deduplicated_bytes as f64 / 1e6,
+            );
+        }
+        if !report.dict_blobs.is_empty() {
+            println!(
+                "{} blob(s) of the chunk dictionary are used and were placed in the output",
+                report.dict_blobs.len()
+            );
+        }
     }
     Ok(())
 }

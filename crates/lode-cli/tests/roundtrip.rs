@@ -46,7 +46,7 @@ fn fsck(img: &Path) {
         let dev = if b.is_direct() {
             img.join("blobs").join(b.hex())
         } else {
-            lode_storage::cache::materialize(&cache, &b, &img.join("blobs").join(b.hex())).unwrap()
+            lode_storage::fetch::materialize_from_dir(&cache, &b, &img.join("blobs")).unwrap()
         };
         cmd.arg(format!("--device={}", dev.display()));
     }

@@ -46,7 +46,11 @@ pub fn mount(image_dir: &Path, target: &Path, cache_dir: &Path) -> Result<()> {
             devices.push(path);
         } else {
             devices.push(
-                lode_storage::cache::materialize(cache_dir, blob, &path)
+                lode_storage::fetch::materialize_from_dir(
+                    cache_dir,
+                    blob,
+                    &image_dir.join(manifest::BLOBS_DIR),
+                )
                     .with_context(|| format!("expanding blob {} into the cache", blob.digest))?,
             );
         }

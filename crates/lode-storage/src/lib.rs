@@ -1,8 +1,12 @@
 //! Storage: everything between a blob's remote form and the uncompressed layout the kernel
-//! reads. Today: reading chunk tables, fetching, decompressing and verifying chunks from a
-//! local remote-form blob ([`chunks`]), and materializing whole blobs into the local blob
-//! cache ([`cache`]). Backends (HTTP, registry, S3) and fetch scheduling come next.
+//! reads.
+//!
+//! - [`backend`]: where remote bytes come from (local dir, HTTP, registry, S3, mirror).
+//! - [`chunks`]: chunk tables; decompressing and verifying chunks.
+//! - [`cache`]: the crash-safe local cache (sparse uncompressed layout + chunk state).
+//! - [`fetch`]: per-blob fetch scheduling (single flight, merging, readahead, prefetch).
 
 pub mod backend;
 pub mod cache;
 pub mod chunks;
+pub mod fetch;

@@ -354,7 +354,10 @@ pub fn encode_rdev(major: u32, minor: u32) -> u32 {
 
 /// Decodes `i_u.rdev` into (major, minor).
 pub fn decode_rdev(rdev: u32) -> (u32, u32) {
-    ((rdev & 0xfff00) >> 8, (rdev & 0xff) | ((rdev >> 12) & 0xfff00))
+    (
+        (rdev & 0xfff00) >> 8,
+        (rdev & 0xff) | ((rdev >> 12) & 0xfff00),
+    )
 }
 
 /// The superblock checksum over `block0[1024..end]` with the checksum field zeroed:

@@ -413,8 +413,7 @@ pub fn write_bootstrap(
                     });
                 }
                 for c in chunks {
-                    if !c.is_hole() && (c.device == 0 || c.device as usize > opts.devices.len())
-                    {
+                    if !c.is_hole() && (c.device == 0 || c.device as usize > opts.devices.len()) {
                         return Err(WriteError::ChunkDevice {
                             node: id,
                             device: c.device,
@@ -485,8 +484,7 @@ pub fn write_bootstrap(
                 }
             }
             Placement::Chunks => {
-                let Content::File(FileData::Chunked { chunks, .. }) =
-                    &tree.node(plan.node).content
+                let Content::File(FileData::Chunked { chunks, .. }) = &tree.node(plan.node).content
                 else {
                     unreachable!()
                 };

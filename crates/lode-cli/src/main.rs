@@ -32,6 +32,8 @@ enum Command {
     Push(cmd::registry::PushArgs),
     /// Pull an image from an OCI registry (metadata only unless --all).
     Pull(cmd::registry::PullArgs),
+    /// Convert an OCI/Docker image in a registry into a lode image and push it.
+    Convert(cmd::convert::Args),
     /// Show the superblock, feature bits, devices and a summary of the tree.
     Inspect(cmd::inspect::Args),
     /// List a directory (or show one entry) in `ls -l` style, without following symlinks.
@@ -50,6 +52,7 @@ fn main() {
         Command::Umount(args) => cmd::mount::umount(args),
         Command::Push(args) => cmd::registry::push(args),
         Command::Pull(args) => cmd::registry::pull(args),
+        Command::Convert(args) => cmd::convert::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),

@@ -175,7 +175,6 @@ fn serialize_dir_block(
     parent_nid: u64,
     nid_of: &dyn Fn(NodeId) -> u64,
     tree: &Tree,
-    self_node: NodeId,
 ) {
     let mut nameoff = entries.len() * DIRENT_SIZE;
     for (i, (name, target)) in entries.iter().enumerate() {
@@ -184,7 +183,6 @@ fn serialize_dir_block(
             DirTarget::Parent => (parent_nid, FileType::Directory),
             DirTarget::Child(id) => (nid_of(id), tree.node(id).content.file_type()),
         };
-        let _ = self_node;
         let de = Dirent {
             nid: nid.into(),
             nameoff: (nameoff as u16).into(),
@@ -246,8 +244,15 @@ fn split_checked(name: &[u8], value: &[u8]) -> Result<(u8, Vec<u8>), WriteError>
     Ok((index, suffix.to_vec()))
 }
 
-/// Breadth-first order of reachable nodes, with each node's parent and link count.
-fn order_nodes(tree: &Tree) -> Result<(Vec<NodeId>, Vec<NodeId>, Vec<u32>), WriteError> {
+/// Reachable nodes in breadth-first order, with each node's parent and link count
+/// (indexed by node id).
+struct Order {
+    nodes: Vec<NodeId>,
+    parent: Vec<NodeId>,
+    nlink: Vec<u32>,
+}
+
+fn order_nodes(tree: &Tree) -> Result<Order, WriteError> {
     const UNSEEN: NodeId = usize::MAX;
     let mut parent = vec![UNSEEN; tree.len()];
     let mut nlink = vec![0u32; tree.len()];
@@ -278,7 +283,11 @@ fn order_nodes(tree: &Tree) -> Result<(Vec<NodeId>, Vec<NodeId>, Vec<u32>), Writ
         }
         nlink[dir] = 2 + subdirs;
     }
-    Ok((order, parent, nlink))
+    Ok(Order {
+        nodes: order,
+        parent,
+        nlink,
+    })
 }
 
 /// The (mtime, nsec) most inodes share; compact inodes can only carry this one.
@@ -310,7 +319,11 @@ pub fn write_bootstrap(
         }
     }
 
-    let (order, parent, nlink) = order_nodes(tree)?;
+    let Order {
+        nodes: order,
+        parent,
+        nlink,
+    } = order_nodes(tree)?;
     let epoch = pick_epoch(tree, &order);
 
     // Shared xattrs: every (name, value) pair that more than one inode carries.
@@ -616,7 +629,6 @@ pub fn write_bootstrap(
                         nid_of(plan.parent),
                         &nid_of,
                         tree,
-                        plan.node,
                     );
                 }
                 bytes.truncate(layout.size as usize);

@@ -13,6 +13,7 @@
 pub mod cmd;
 pub mod compare;
 pub mod mount;
+pub mod oci;
 pub mod tree;
 
 pub use compare::{

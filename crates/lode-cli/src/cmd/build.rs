@@ -22,6 +22,16 @@ pub struct Args {
     /// Output image directory (created; holds bootstrap, blobs/ and image.json).
     #[arg(short, long)]
     pub output: PathBuf,
+    #[command(flatten)]
+    pub tuning: Tuning,
+    /// Print the build report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// How images are laid out; shared by `build` and `convert`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct Tuning {
     /// Chunk size: a power of two from 4K to 64M (suffixes K, M accepted).
     #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE.to_string(), value_parser = parse_size)]
     pub chunk_size: String,
@@ -31,12 +41,27 @@ pub struct Args {
     /// Compression of blob chunks (the local cache always holds them uncompressed).
     #[arg(long, default_value = "zstd")]
     pub compress: lode_format::blob::Compression,
-    /// Worker threads reading and hashing file data (default: one per core).
+    /// Worker threads reading, hashing and compressing data (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Print the build report as JSON.
-    #[arg(long)]
-    pub json: bool,
+}
+
+impl Tuning {
+    pub fn options(&self) -> Result<BuildOptions> {
+        let chunk_size: u64 = self.chunk_size.parse().expect("validated by clap");
+        let chunk_size = u32::try_from(chunk_size)
+            .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is larger than 64 MiB"))?;
+        let mut opts = BuildOptions {
+            chunk_size,
+            inline_max: self.inline_max,
+            compression: self.compress,
+            ..Default::default()
+        };
+        if let Some(t) = self.threads {
+            opts.threads = t;
+        }
+        Ok(opts)
+    }
 }
 
 /// A file source must look like a layer tarball; say so plainly when it does not.
@@ -79,18 +104,7 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let chunk_size: u64 = args.chunk_size.parse().expect("validated by clap");
-    let chunk_size = u32::try_from(chunk_size)
-        .map_err(|_| anyhow::anyhow!("chunk size {chunk_size} is larger than 64 MiB"))?;
-    let mut opts = BuildOptions {
-        chunk_size,
-        inline_max: args.inline_max,
-        compression: args.compress,
-        ..Default::default()
-    };
-    if let Some(t) = args.threads {
-        opts.threads = t;
-    }
+    let opts = args.tuning.options()?;
     let dict = args.chunk_dict.as_deref();
     let (report, source) = if let Some(layout) = &args.oci_layout {
         let (dir, tag) = lode_builder::oci_layout::parse_arg(layout);
@@ -118,7 +132,17 @@ pub fn run(args: Args) -> Result<()> {
             ),
         }
     };
-    if args.json {
+    print_report(&report, &args.output, &source, args.json)
+}
+
+/// Prints a build report as text or JSON.
+pub fn print_report(
+    report: &lode_builder::BuildReport,
+    output: &std::path::Path,
+    source: &str,
+    json: bool,
+) -> Result<()> {
+    if json {
         let mut v = serde_json::to_value(&report)?;
         v["elapsed_seconds"] = report.elapsed.as_secs_f64().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -126,7 +150,7 @@ pub fn run(args: Args) -> Result<()> {
         let secs = report.elapsed.as_secs_f64();
         println!(
             "built {} from {}: {} inodes, {} files ({} inlined), {:.1} MB in {:.2} s ({:.0} MB/s)",
-            args.output.display(),
+            output.display(),
             source,
             report.inodes,
             report.files,

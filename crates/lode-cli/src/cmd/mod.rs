@@ -2,6 +2,7 @@
 
 pub mod build;
 pub mod cat;
+pub mod convert;
 pub mod inspect;
 pub mod ls;
 pub mod mount;

@@ -7,11 +7,14 @@
 //! - [`mount`]: RAII unmounting ([`mount::MountGuard`], [`mount::TempMount`]) and
 //!   environment checks ([`mount::require_root`], [`mount::require_erofs`], …).
 //! - [`cmd`]: run a process and panic with its full command line and output if it fails.
+//! - [`faultproxy`]: an HTTP/1.1 proxy on loopback that injects faults (error statuses,
+//!   resets, truncated or bit-flipped bodies, latency, refused connections).
 //!
 //! Most of this needs root (chown, mknod, `trusted.*` xattrs, mounts).
 
 pub mod cmd;
 pub mod compare;
+pub mod faultproxy;
 pub mod mount;
 pub mod oci;
 pub mod tree;

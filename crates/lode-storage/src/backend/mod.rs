@@ -64,3 +64,8 @@ pub fn digest_hex(digest: &str) -> &str {
 }
 
 pub mod local;
+pub mod http;
+pub mod mirror;
+pub mod registry;
+pub mod s3;
+pub mod stats;

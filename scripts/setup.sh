@@ -156,8 +156,42 @@ setup_vm() {
   log "vm: $(qemu-system-x86_64 --version | head -n1), vng $(vng --version 2>/dev/null | awk '{print $NF}' || echo '?')"
 }
 
+# ---------------------------------------------------------------------------------------
+# Servers for the lode-storage backend tests (crates/lode-storage/tests/backends.rs), each
+# started by the tests on a free loopback port and killed by PID:
+#   busybox httpd           static web server that answers Range requests   (Debian busybox)
+#   python3 -m http.server  static web server that ignores Range            (python3)
+#   moto, server mode       S3-compatible server that checks SigV4 signatures (PyPI moto[server])
+MOTO_SPEC='moto[server]>=5.0,<6'
+
+pip_install() {
+  if ! python3 -m pip install -q "$@" >"$apt_log" 2>&1; then
+    if grep -q externally-managed "$apt_log"; then
+      python3 -m pip install -q --break-system-packages "$@" >"$apt_log" 2>&1 ||
+        { tail -n 20 "$apt_log" >&2; die "pip install $* failed"; }
+    else
+      tail -n 20 "$apt_log" >&2; die "pip install $* failed"
+    fi
+  fi
+}
+
+install_backend_test_servers() {
+  command -v busybox >/dev/null || { apt_update_once; apt_install busybox; }
+  command -v python3 >/dev/null || { apt_update_once; apt_install python3; }
+  if ! python3 -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1; then
+    python3 -m pip --version >/dev/null 2>&1 || { apt_update_once; apt_install python3-pip; }
+    log "installing $MOTO_SPEC (pip)"
+    pip_install "$MOTO_SPEC"
+    python3 -c 'import moto.server, flask, flask_cors' >/dev/null 2>&1 ||
+      die "moto installed but python3 cannot import moto.server"
+  fi
+  log "backend test servers: busybox httpd, python3 http.server, moto $(python3 -c 'import moto; print(moto.__version__)') (S3)"
+}
+# ---------------------------------------------------------------------------------------
+
 install_base_packages
 load_modules
 check_rust
 [ "$want_vm" = 0 ] || setup_vm
+install_backend_test_servers
 log "done"

@@ -37,7 +37,7 @@ fn convert_two_layer_image_then_mount_matches_merged_rootfs() {
     std::fs::create_dir(&rootfs).unwrap();
     materialize(&sample_tree(TreeParams::default(), 21), &rootfs).unwrap();
     remove_sockets(&rootfs);
-    tar_gz(&rootfs, &[], &w.join("l1.tar.gz"));
+    tar_gz::<&str>(&rootfs, &[], &w.join("l1.tar.gz"));
 
     // Layer 2: one new file and a whiteout of the first top-level entry of layer 1.
     let mut names: Vec<_> = std::fs::read_dir(&rootfs)
@@ -52,7 +52,7 @@ fn convert_two_layer_image_then_mount_matches_merged_rootfs() {
     let mut wh = std::ffi::OsString::from(".wh.");
     wh.push(&victim);
     std::fs::write(l2.join(&wh), b"").unwrap();
-    tar_gz(&l2, &["added.txt", wh.to_str().unwrap()], &w.join("l2.tar.gz"));
+    tar_gz(&l2, &["added.txt".into(), wh], &w.join("l2.tar.gz"));
 
     // What the merged rootfs must be.
     let expected = w.join("expected");

@@ -14,7 +14,7 @@ fn sha256(bytes: &[u8]) -> String {
 
 /// Tars the entries `names` of `dir` (or `.` when empty) with GNU tar in PAX format,
 /// keeping numeric owners, xattrs and nanosecond times, gzip-compressed into `out`.
-pub fn tar_gz(dir: &Path, names: &[&str], out: &Path) {
+pub fn tar_gz<N: AsRef<std::ffi::OsStr>>(dir: &Path, names: &[N], out: &Path) {
     let tar = out.with_extension("plain");
     let mut cmd = Command::new("tar");
     cmd.args([
@@ -31,7 +31,7 @@ pub fn tar_gz(dir: &Path, names: &[&str], out: &Path) {
     if names.is_empty() {
         cmd.arg(".");
     } else {
-        cmd.args(names);
+        cmd.args(names.iter().map(|n| n.as_ref()));
     }
     run(&mut cmd);
     let gz = std::fs::File::create(out).expect("create layer");

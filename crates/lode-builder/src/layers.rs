@@ -43,7 +43,7 @@ use lode_format::tree::{ChunkAddr, Content, FileData, Metadata, Node, NodeId, Tr
 
 use crate::pipeline::{buffer_count, is_zero};
 use crate::store::{ChunkStore, Compressor, PreparedChunk};
-use crate::tarstream::{Decoded, Entry, Kind, LayerFormat, TarReader};
+use crate::tarstream::{Decoded, Entry, EntryName, Kind, LayerFormat, TarReader};
 
 /// Most chunks one file may have (bounds the chunk list a hostile size or sparse map can ask
 /// for: 16 TiB with 1 MiB chunks).
@@ -438,6 +438,8 @@ impl Applier {
             let entry = match tar.next_entry() {
                 Ok(Some(e)) => e,
                 Ok(None) => break,
+                // Errors about a named entry name it already.
+                Err(e) if e.downcast_ref::<EntryName>().is_some() => return Err(e.context(label)),
                 Err(e) => {
                     let after = match &previous {
                         Some(p) => format!("after entry {p:?}"),

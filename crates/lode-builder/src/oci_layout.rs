@@ -106,22 +106,26 @@ pub fn resolve_manifest(dir: &Path, tag: Option<&str>) -> Result<ImageManifest> 
             }
         }
         [one] => (*one).clone(),
-        several => match several.iter().find(|d| is_linux_amd64(d)) {
-            Some(d) => (*d).clone(),
-            None => {
-                let known: Vec<String> = several.iter().flat_map(|d| names(d)).collect();
-                bail!(
-                    "{}: index.json lists {} images; pick one with DIR:TAG (tags: {})",
-                    dir.display(),
-                    several.len(),
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
-                )
+        several => {
+            let amd64: Vec<&&Descriptor> = several.iter().filter(|d| is_linux_amd64(d)).collect();
+            match amd64.as_slice() {
+                [one] => (**one).clone(),
+                _ => {
+                    let known: Vec<String> = several.iter().flat_map(|d| names(d)).collect();
+                    bail!(
+                        "{}: index.json lists {} images{}; pick one with DIR:TAG (tags: {})",
+                        dir.display(),
+                        several.len(),
+                        tag.map(|t| format!(" tagged {t:?}")).unwrap_or_default(),
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    )
+                }
             }
-        },
+        }
     };
     let mut desc = desc;
     for _ in 0..8 {

@@ -372,31 +372,21 @@ impl<R: Read> TarReader<R> {
             }
             extensions += 1;
         };
-        self.entry_from(header, offset, pax, long_name, long_link)
+        let path = entry_path(&header, &pax, long_name);
+        self.entry_from(header, offset, &pax, path.clone(), long_link)
             .map(Some)
+            .map_err(|e| e.context(EntryName(path)))
     }
 
     fn entry_from(
         &mut self,
         header: tar::Header,
         offset: u64,
-        pax: Vec<(Vec<u8>, Vec<u8>)>,
-        long_name: Option<Vec<u8>>,
+        pax: &[(Vec<u8>, Vec<u8>)],
+        mut path: Vec<u8>,
         long_link: Option<Vec<u8>>,
     ) -> Result<Entry> {
-        // The last record of a key wins; an empty value removes the key (POSIX).
-        let get = |key: &[u8]| -> Option<&[u8]> {
-            pax.iter()
-                .rev()
-                .find(|(k, _)| k == key)
-                .map(|(_, v)| v.as_slice())
-                .filter(|v| !v.is_empty())
-        };
-        let mut path = get(b"GNU.sparse.name")
-            .or(get(b"path"))
-            .map(|p| p.to_vec())
-            .or(long_name)
-            .unwrap_or_else(|| header.path_bytes().into_owned());
+        let get = |key: &[u8]| pax_get(pax, key);
         let link = get(b"linkpath")
             .map(|p| p.to_vec())
             .or(long_link)
@@ -414,11 +404,7 @@ impl<R: Read> TarReader<R> {
             b'4' => Kind::BlockDevice,
             b'5' | b'D' => Kind::Directory,
             b'6' => Kind::Fifo,
-            other => bail!(
-                "{}: unsupported tar entry type {:?}",
-                String::from_utf8_lossy(&path),
-                other as char
-            ),
+            other => bail!("unsupported tar entry type {:?}", other as char),
         };
         if path.is_empty() {
             path = b".".to_vec();
@@ -479,7 +465,7 @@ impl<R: Read> TarReader<R> {
         self.pad = padding(data_size);
         let is_pax_sparse = pax.iter().any(|(k, _)| k.starts_with(b"GNU.sparse."));
         if is_pax_sparse && kind == Kind::Regular && flag != b'S' {
-            let (real, segs) = self.pax_sparse_map(&get)?;
+            let (real, segs) = self.pax_sparse_map(pax)?;
             size = real;
             segments = Some(segs);
         }
@@ -550,10 +536,8 @@ impl<R: Read> TarReader<R> {
 
     /// The sparse map of a PAX sparse file: 0.0 (`GNU.sparse.offset`/`numbytes` pairs),
     /// 0.1 (`GNU.sparse.map`) or 1.0 (map at the start of the data).
-    fn pax_sparse_map<'p>(
-        &mut self,
-        get: &dyn Fn(&[u8]) -> Option<&'p [u8]>,
-    ) -> Result<(u64, Vec<(u64, u64)>)> {
+    fn pax_sparse_map(&mut self, pax: &[(Vec<u8>, Vec<u8>)]) -> Result<(u64, Vec<(u64, u64)>)> {
+        let get = |key: &[u8]| pax_get(pax, key);
         let num = |key: &str| -> Result<Option<u64>> {
             get(key.as_bytes())
                 .map(|v| {
@@ -578,7 +562,28 @@ impl<R: Read> TarReader<R> {
             .or(num("GNU.sparse.realsize")?)
             .context("PAX sparse entry without GNU.sparse.size")?;
         let mut values = Vec::new();
-        if let Some(map) = get(b"GNU.sparse.map") {
+        if get(b"GNU.sparse.map").is_none() && get(b"GNU.sparse.offset").is_some() {
+            // 0.0: repeated offset/numbytes records, in order.
+            for (k, v) in pax {
+                let key = match k.as_slice() {
+                    b"GNU.sparse.offset" => "GNU.sparse.offset",
+                    b"GNU.sparse.numbytes" => "GNU.sparse.numbytes",
+                    _ => continue,
+                };
+                ensure!(
+                    (key == "GNU.sparse.offset") == (values.len() % 2 == 0),
+                    "GNU.sparse.offset and GNU.sparse.numbytes records do not alternate"
+                );
+                values
+                    .push(parse_decimal(v).ok_or_else(|| {
+                        anyhow!("bad PAX {key} {:?}", String::from_utf8_lossy(v))
+                    })?);
+                ensure!(
+                    values.len() <= 2 * MAX_SPARSE_SEGMENTS,
+                    "sparse map has more than {MAX_SPARSE_SEGMENTS} segments"
+                );
+            }
+        } else if let Some(map) = get(b"GNU.sparse.map") {
             // 0.1: "offset,size,offset,size,…"
             for v in map.split(|&b| b == b',') {
                 values.push(parse_decimal(v).ok_or_else(|| {
@@ -646,6 +651,38 @@ impl<R: Read> TarReader<R> {
         let mut skip = vec![0u8; pad as usize];
         self.read_data(&mut skip)?;
         Ok(segs)
+    }
+}
+
+/// The value of PAX key `key`: the last record wins, an empty value removes the key (POSIX).
+fn pax_get<'p>(pax: &'p [(Vec<u8>, Vec<u8>)], key: &[u8]) -> Option<&'p [u8]> {
+    pax.iter()
+        .rev()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_slice())
+        .filter(|v| !v.is_empty())
+}
+
+/// An entry's name: `GNU.sparse.name`, PAX `path`, a GNU long name, or the header's.
+fn entry_path(
+    header: &tar::Header,
+    pax: &[(Vec<u8>, Vec<u8>)],
+    long_name: Option<Vec<u8>>,
+) -> Vec<u8> {
+    pax_get(pax, b"GNU.sparse.name")
+        .or(pax_get(pax, b"path"))
+        .map(|p| p.to_vec())
+        .or(long_name)
+        .unwrap_or_else(|| header.path_bytes().into_owned())
+}
+
+/// Context of an error about a named entry (so callers need not name it again).
+#[derive(Debug)]
+pub struct EntryName(pub Vec<u8>);
+
+impl std::fmt::Display for EntryName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "entry {:?}", String::from_utf8_lossy(&self.0))
     }
 }
 

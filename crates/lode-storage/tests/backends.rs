@@ -285,7 +285,7 @@ fn mirror_falls_back_to_origin_and_cools_down() {
     let b = MirrorBackend::with_cooldown(
         Box::new(mirror),
         Box::new(origin),
-        Duration::from_millis(600),
+        Duration::from_millis(1500),
     );
     assert!(b.describe().contains("via mirror"), "{}", b.describe());
     let (d, data) = &img.blobs[0];
@@ -304,7 +304,7 @@ fn mirror_falls_back_to_origin_and_cools_down() {
     assert!(matches!(b.state(), MirrorState::CoolingDown { .. }));
 
     // After the cool-down the mirror is tried again; still down: back to cooling down.
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(b.state(), MirrorState::Up);
     assert_eq!(read().unwrap(), want);
     assert_eq!((mirror_proxy.requests(), origin_proxy.requests()), (3, 6));
@@ -312,7 +312,7 @@ fn mirror_falls_back_to_origin_and_cools_down() {
 
     // Mirror back, and a mirror that answers errors (503) also falls back.
     mirror_proxy.clear();
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1600));
     assert_eq!(read().unwrap(), want);
     assert_eq!((mirror_proxy.requests(), origin_proxy.requests()), (4, 6));
     mirror_proxy.fail_next(1, 503);
@@ -324,7 +324,7 @@ fn mirror_falls_back_to_origin_and_cools_down() {
     let e = read().unwrap_err();
     assert_eq!(e.kind, BackendErrorKind::NotFound, "{e}");
     origin_proxy.clear();
-    std::thread::sleep(Duration::from_millis(700));
+    std::thread::sleep(Duration::from_millis(1600));
     mirror_proxy.fail_next(1, 500);
     origin_proxy.fail_next(1, 503);
     let e = read().unwrap_err();

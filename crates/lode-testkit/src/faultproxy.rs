@@ -500,10 +500,25 @@ fn handle_conn(stream: TcpStream, shared: &Shared) {
         flipped: None,
     };
     let result = serve(&stream, shared, fault.as_ref(), latency, &mut rec);
+    // Recorded before the client gets its answer, so a test sees the record of a request
+    // as soon as the request returns.
     shared.record(rec);
-    match result {
-        Ok(Close::Reset) => reset(stream),
-        Ok(Close::Normal) | Err(_) => {
+    let close = match result {
+        Ok((bytes, close)) => {
+            let mut out = &stream;
+            match out.write_all(&bytes).and_then(|()| out.flush()) {
+                Ok(()) => close,
+                Err(_) => Close::Normal,
+            }
+        }
+        Err(_) => Close::Normal,
+    };
+    match close {
+        Close::Reset => {
+            std::thread::sleep(Duration::from_millis(20));
+            reset(stream)
+        }
+        Close::Normal => {
             let _ = stream.shutdown(Shutdown::Write);
             // Let the client read what was sent before the socket goes away.
             let mut sink = [0u8; 1024];
@@ -529,7 +544,7 @@ fn serve(
     fault: Option<&Fault>,
     latency: Duration,
     rec: &mut RequestRecord,
-) -> io::Result<Close> {
+) -> io::Result<(Vec<u8>, Close)> {
     let mut reader = BufReader::new(stream);
     let head = read_head(&mut reader)?;
     let mut parts = head.start_line.split_whitespace();
@@ -546,14 +561,10 @@ fn serve(
     if !latency.is_zero() {
         sleep_unless_stopped(latency, shared);
     }
-    let mut out = stream;
     if let Some(Fault::Status(code)) = fault {
         rec.status = *code;
-        out.write_all(&simple_response(
-            *code,
-            &format!("fault injected: HTTP {code}\n"),
-        ))?;
-        return Ok(Close::Normal);
+        let text = format!("fault injected: HTTP {code}\n");
+        return Ok((simple_response(*code, &text), Close::Normal));
     }
 
     // Origin form of an absolute-form target.
@@ -569,11 +580,8 @@ fn serve(
         Ok(s) => s,
         Err(e) => {
             rec.status = 502;
-            out.write_all(&simple_response(
-                502,
-                &format!("fault proxy: upstream {upstream_addr}: {e}\n"),
-            ))?;
-            return Ok(Close::Normal);
+            let text = format!("fault proxy: upstream {upstream_addr}: {e}\n");
+            return Ok((simple_response(502, &text), Close::Normal));
         }
     };
     up.set_read_timeout(Some(IO_TIMEOUT))?;
@@ -613,7 +621,7 @@ fn serve(
     if let Some(rest) = status_line.strip_prefix("HTTP/1.0") {
         status_line = format!("HTTP/1.1{rest}");
     }
-    let write_head = |out: &mut &TcpStream, content_length: u64| -> io::Result<()> {
+    let head_bytes = |content_length: u64| -> Vec<u8> {
         let mut h = format!("{status_line}\r\n");
         for (k, v) in &rhead.headers {
             if !is_hop_header(k) {
@@ -628,28 +636,18 @@ fn serve(
             h.push_str(&format!("Content-Length: {content_length}\r\n"));
         }
         h.push_str("Connection: close\r\n\r\n");
-        out.write_all(h.as_bytes())
+        h.into_bytes()
     };
     let full = rbody.len() as u64;
-    match fault {
-        Some(Fault::Reset) => {
-            write_head(&mut out, full)?;
-            out.write_all(&rbody[..rbody.len() / 2])?;
-            out.flush()?;
-            std::thread::sleep(Duration::from_millis(20));
-            Ok(Close::Reset)
-        }
+    let (mut out, body, close) = match fault {
+        Some(Fault::Reset) => (head_bytes(full), &rbody[..rbody.len() / 2], Close::Reset),
         Some(Fault::Truncate(k)) => {
             let k = (*k).min(full) as usize;
-            write_head(&mut out, full)?;
-            out.write_all(&rbody[..k])?;
-            Ok(Close::Normal)
+            (head_bytes(full), &rbody[..k], Close::Normal)
         }
         Some(Fault::ShortBody(k)) => {
             let k = (*k).min(full) as usize;
-            write_head(&mut out, k as u64)?;
-            out.write_all(&rbody[..k])?;
-            Ok(Close::Normal)
+            (head_bytes(k as u64), &rbody[..k], Close::Normal)
         }
         Some(Fault::FlipBit(at)) => {
             if !rbody.is_empty() {
@@ -663,16 +661,12 @@ fn serve(
                 rbody[off as usize] ^= mask;
                 rec.flipped = Some((off, mask));
             }
-            write_head(&mut out, full)?;
-            out.write_all(&rbody)?;
-            Ok(Close::Normal)
+            (head_bytes(full), &rbody[..], Close::Normal)
         }
-        _ => {
-            write_head(&mut out, full)?;
-            out.write_all(&rbody)?;
-            Ok(Close::Normal)
-        }
-    }
+        _ => (head_bytes(full), &rbody[..], Close::Normal),
+    };
+    out.extend_from_slice(body);
+    Ok((out, close))
 }
 
 #[cfg(test)]

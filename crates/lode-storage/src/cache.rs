@@ -81,6 +81,8 @@ pub struct BlobCache {
 /// Chunks filled but not yet durable, committed in batches by a background thread.
 struct Committer {
     pending: Mutex<Vec<(Arc<CachedBlob>, usize)>>,
+    /// Held for a whole commit, so `flush` also waits for one already under way.
+    committing: Mutex<()>,
     wake: Condvar,
     stop: std::sync::atomic::AtomicBool,
 }
@@ -93,6 +95,7 @@ impl BlobCache {
             .with_context(|| format!("creating cache directory {}", blobs_dir.display()))?;
         let committer = Arc::new(Committer {
             pending: Mutex::new(Vec::new()),
+            committing: Mutex::new(()),
             wake: Condvar::new(),
             stop: Default::default(),
         });
@@ -512,16 +515,15 @@ fn commit_loop(committer: Arc<Committer>, stats: Arc<CacheStats>) {
         // Let a burst of fills accumulate into one fdatasync.
         std::thread::sleep(COMMIT_INTERVAL / 5);
         commit_pending(&committer, &stats);
-        if committer.stop.load(Ordering::Relaxed) && Arc::strong_count(&committer) == 1 {
-            return;
-        }
-        if Arc::strong_count(&committer) == 1 {
+        // The cache is gone (it committed what was left when dropped).
+        if committer.stop.load(Ordering::Relaxed) || Arc::strong_count(&committer) == 1 {
             return;
         }
     }
 }
 
 fn commit_pending(committer: &Committer, stats: &CacheStats) {
+    let _committing = committer.committing.lock().expect("commit lock");
     let batch = std::mem::take(&mut *committer.pending.lock().expect("commit lock"));
     if batch.is_empty() {
         return;

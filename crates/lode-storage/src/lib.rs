@@ -5,8 +5,10 @@
 //! - [`chunks`]: chunk tables; decompressing and verifying chunks.
 //! - [`cache`]: the crash-safe local cache (sparse uncompressed layout + chunk state).
 //! - [`fetch`]: per-blob fetch scheduling (single flight, merging, readahead, prefetch).
+//! - [`image`]: opening an image (dir, URL, registry) for lazy serving.
 
 pub mod backend;
 pub mod cache;
 pub mod chunks;
 pub mod fetch;
+pub mod image;

@@ -51,7 +51,7 @@ pub fn mount(image_dir: &Path, target: &Path, cache_dir: &Path) -> Result<()> {
                     blob,
                     &image_dir.join(manifest::BLOBS_DIR),
                 )
-                    .with_context(|| format!("expanding blob {} into the cache", blob.digest))?,
+                .with_context(|| format!("expanding blob {} into the cache", blob.digest))?,
             );
         }
     }

@@ -37,6 +37,22 @@ pub struct UmountArgs {
     pub mountpoint: PathBuf,
 }
 
+/// Unmounts, then stops the process serving the mount (if any) once the kernel let go of it.
 pub fn umount(args: UmountArgs) -> Result<()> {
-    lode_mount::kernel::umount(&args.mountpoint)
+    use lode_mount::runtime;
+    let mnt = runtime::canonical(&args.mountpoint)?;
+    let record = runtime::load(&mnt);
+    lode_mount::kernel::umount(&mnt)?;
+    if let Some(rec) = record {
+        if runtime::alive(rec.pid)
+            && runtime::stop_process(rec.pid, std::time::Duration::from_secs(10))
+        {
+            eprintln!(
+                "lode: the {} server (pid {}) did not exit in time and was killed",
+                rec.mode, rec.pid
+            );
+        }
+        runtime::remove(&mnt);
+    }
+    Ok(())
 }

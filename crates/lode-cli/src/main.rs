@@ -32,6 +32,8 @@ enum Command {
     Push(cmd::registry::PushArgs),
     /// Pull an image from an OCI registry (metadata only unless --all).
     Pull(cmd::registry::PullArgs),
+    /// Inspect or clean the local blob cache.
+    Cache(cmd::cache::Args),
     /// Convert an OCI/Docker image in a registry into a lode image and push it.
     Convert(cmd::convert::Args),
     /// Show the superblock, feature bits, devices and a summary of the tree.
@@ -53,6 +55,7 @@ fn main() {
         Command::Push(args) => cmd::registry::push(args),
         Command::Pull(args) => cmd::registry::pull(args),
         Command::Convert(args) => cmd::convert::run(args),
+        Command::Cache(args) => cmd::cache::run(args),
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),

@@ -566,6 +566,11 @@ pub struct CacheEntry {
     pub in_use: bool,
 }
 
+/// Entries of the cache at `cache_dir` (no cache there: none).
+pub fn list(cache_dir: &Path) -> Result<Vec<CacheEntry>> {
+    list_dir(&cache_dir.join("blobs"))
+}
+
 fn list_dir(blobs_dir: &Path) -> Result<Vec<CacheEntry>> {
     use std::os::unix::fs::MetadataExt;
     let mut out = Vec::new();

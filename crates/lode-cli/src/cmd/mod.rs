@@ -1,6 +1,7 @@
 //! One module per subcommand; each exposes `Args` (clap) and `run(Args)`.
 
 pub mod build;
+pub mod cache;
 pub mod cat;
 pub mod convert;
 pub mod inspect;

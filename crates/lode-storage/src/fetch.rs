@@ -537,3 +537,17 @@ pub fn materialize_from_dir(
     cache.flush();
     Ok(fetcher.cached().data_path().to_path_buf())
 }
+
+/// A blob's uncompressed layout as a [`ReadAt`](lode_format::reader::ReadAt) device for the
+/// EROFS reader: every read first makes its range present (fetching on a miss), then reads
+/// the cache. A failed fetch is an I/O error, never zeros.
+pub struct LazyDevice(pub Arc<BlobFetcher>);
+
+impl lode_format::reader::ReadAt for LazyDevice {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        self.0
+            .ensure(offset, buf.len() as u64)
+            .map_err(std::io::Error::other)?;
+        self.0.cached().read_at(buf, offset)
+    }
+}

@@ -88,9 +88,13 @@ struct Rules {
     queue: VecDeque<(Fault, u64)>,
     persistent: Option<Fault>,
     latency: Duration,
+    /// Bytes per second of the emulated link all responses share (0: unlimited).
+    bandwidth: u64,
 }
 
 struct Shared {
+    /// When the emulated link is free again (responses are serialized on it).
+    link_free: Mutex<Option<std::time::Instant>>,
     upstream: Mutex<SocketAddr>,
     rules: Mutex<Rules>,
     records: Mutex<Vec<RequestRecord>>,
@@ -176,6 +180,12 @@ impl FaultHandle {
         lock(&self.0.rules).latency = latency;
     }
 
+    /// Cap the bytes per second of all responses together, like one shared link
+    /// (0: unlimited).
+    pub fn set_bandwidth(&self, bytes_per_second: u64) {
+        lock(&self.0.rules).bandwidth = bytes_per_second;
+    }
+
     /// No queued, persistent or latency faults any more.
     pub fn clear(&self) {
         *lock(&self.0.rules) = Rules::default();
@@ -224,6 +234,7 @@ impl FaultProxy {
         let listener = TcpListener::bind("127.0.0.1:0").expect("fault proxy: bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("fault proxy: local addr");
         let shared = Arc::new(Shared {
+            link_free: Mutex::new(None),
             upstream: Mutex::new(upstream),
             rules: Mutex::new(Rules::default()),
             records: Mutex::new(Vec::new()),
@@ -506,7 +517,8 @@ fn handle_conn(stream: TcpStream, shared: &Shared) {
     let close = match result {
         Ok((bytes, close)) => {
             let mut out = &stream;
-            match out.write_all(&bytes).and_then(|()| out.flush()) {
+            let bandwidth = lock(&shared.rules).bandwidth;
+            match send_paced(&mut out, &bytes, bandwidth, shared).and_then(|()| out.flush()) {
                 Ok(()) => close,
                 Err(_) => Close::Normal,
             }
@@ -536,6 +548,29 @@ fn handle_conn(stream: TcpStream, shared: &Shared) {
 enum Close {
     Normal,
     Reset,
+}
+
+/// Writes `bytes` as if through a link of `bandwidth` bytes/s shared by every connection.
+fn send_paced(out: &mut impl Write, bytes: &[u8], bandwidth: u64, shared: &Shared) -> io::Result<()> {
+    if bandwidth == 0 {
+        return out.write_all(bytes);
+    }
+    for piece in bytes.chunks(16 << 10) {
+        let done_at = {
+            let mut free = lock(&shared.link_free);
+            let now = std::time::Instant::now();
+            let start = free.map_or(now, |f| f.max(now));
+            let end = start + Duration::from_secs_f64(piece.len() as f64 / bandwidth as f64);
+            *free = Some(end);
+            end
+        };
+        let now = std::time::Instant::now();
+        if done_at > now {
+            std::thread::sleep(done_at - now);
+        }
+        out.write_all(piece)?;
+    }
+    Ok(())
 }
 
 fn serve(

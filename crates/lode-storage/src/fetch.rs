@@ -29,7 +29,8 @@ pub struct FetchOptions {
     pub merge_gap: u64,
     /// Largest single range request.
     pub max_request: u64,
-    /// Uncompressed bytes fetched after a miss, beyond what was asked.
+    /// Bytes of the remote blob (compressed payloads) fetched after a miss, beyond what was
+    /// asked: whole chunks that follow the missing ones.
     pub readahead: u64,
     /// Attempts per request after the first (transient errors and bad data).
     pub retries: u32,
@@ -245,7 +246,7 @@ impl BlobFetcher {
         let mut end = required.end;
         let mut extra = 0u64;
         while end < entries.len() && extra < readahead {
-            extra += entries[end].uncompressed_len.get() as u64;
+            extra += entries[end].compressed_len.get() as u64;
             end += 1;
         }
         let mut mine: Vec<usize> = Vec::new();

@@ -45,6 +45,9 @@ BASE_PACKAGES=(
   docker-registry # a local OCI registry (loopback only) for pull tests
   skopeo          # copy images between registry / oci layout / docker archive
   umoci           # unpack OCI images as the reference tree
+  zstd            # zstd CLI: zstd-compressed layer tarballs (tests, bench/convert.sh)
+  tar             # GNU tar: layer tarballs (pax/gnu/sparse/xattrs) and reference extraction
+  gzip            # gzip-compressed layer tarballs
 )
 
 installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == *"install ok installed"* ]]; }

@@ -22,10 +22,18 @@ const MAX_JSON: u64 = 8 << 20;
 const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
 
-/// Splits `DIR[:TAG]`: a path that exists as given is a directory without a tag.
+/// Splits `DIR[:TAG]`: a path that exists as given is a directory without a tag; else the
+/// first `:` whose left side is a layout directory splits (so a tag may be a full image name
+/// such as `docker.io/library/debian:12`); else the last `:`.
 pub fn parse_arg(arg: &str) -> (PathBuf, Option<String>) {
-    if Path::new(arg).join("index.json").exists() {
+    let is_layout = |p: &str| Path::new(p).join("index.json").is_file();
+    if is_layout(arg) {
         return (PathBuf::from(arg), None);
+    }
+    for (i, _) in arg.match_indices(':') {
+        if i > 0 && is_layout(&arg[..i]) {
+            return (PathBuf::from(&arg[..i]), Some(arg[i + 1..].to_string()));
+        }
     }
     match arg.rsplit_once(':') {
         Some((dir, tag)) if !dir.is_empty() && !tag.contains('/') => {
@@ -295,6 +303,17 @@ mod tests {
             (PathBuf::from("/nonexistent/img"), None)
         );
         assert_eq!(parse_arg("a:b/c"), (PathBuf::from("a:b/c"), None));
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("index.json"), "{}").unwrap();
+        let d = dir.path().display();
+        assert_eq!(
+            parse_arg(&format!("{d}:docker.io/library/debian:12")),
+            (
+                dir.path().to_path_buf(),
+                Some("docker.io/library/debian:12".into())
+            )
+        );
+        assert_eq!(parse_arg(&format!("{d}")), (dir.path().to_path_buf(), None));
     }
 
     #[test]

@@ -219,6 +219,12 @@ impl BlobFetcher {
         first..last.max(first)
     }
 
+    /// Whether uncompressed bytes `offset..offset + len` are all in the cache (no fetch).
+    pub fn is_range_present(&self, offset: u64, len: u64) -> bool {
+        self.chunks_in(offset, len)
+            .all(|i| self.cached.is_present(i))
+    }
+
     /// Makes uncompressed bytes `offset..offset + len` present in the cache (a foreground
     /// miss: waits, fetches, and never returns before the bytes are there or it failed).
     pub fn ensure(&self, offset: u64, len: u64) -> Result<(), FetchError> {

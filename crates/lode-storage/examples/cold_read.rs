@@ -149,7 +149,7 @@ fn main() {
         let mut img =
             Image::open(Box::new(std::fs::File::open(&opened.bootstrap).unwrap())).unwrap();
         for (i, f) in opened.fetchers.iter().enumerate() {
-            img.set_device(i, Box::new(LazyDevice::new(f.clone())));
+            img.set_device(i, Box::new(LazyDevice(f.clone())));
         }
         let img = Arc::new(img);
         let t0 = Instant::now();

@@ -12,6 +12,7 @@
 pub mod layers;
 pub mod oci_layout;
 pub mod pipeline;
+pub mod prefetch;
 pub mod store;
 pub mod tarstream;
 pub mod walk;
@@ -40,11 +41,14 @@ pub struct BuildOptions {
     pub inline_max: u64,
     pub threads: usize,
     pub compression: Compression,
+    /// An access trace to store as the image's prefetch list (see [`prefetch`]).
+    pub prefetch: Option<std::path::PathBuf>,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
+            prefetch: None,
             compression: Compression::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             inline_max: DEFAULT_INLINE_MAX,
@@ -76,6 +80,9 @@ pub struct BuildReport {
     /// Blobs of a chunk dictionary that the image references (copied into `blobs/`).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub dict_blobs: Vec<String>,
+    /// The prefetch list stored from `--prefetch`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prefetch: Option<prefetch::PrefetchReport>,
     #[serde(skip)]
     pub elapsed: Duration,
 }
@@ -125,7 +132,7 @@ pub fn build_dir_with_dict(
     let store_stats = store.stats.clone();
     let blobs = store.finish()?;
     let (blobs, dict_blobs) = place_dict_blobs(&mut tree, blobs, &dict, &blobs_dir)?;
-    let mut report = write_image(&tree, out, opts.chunk_size, &blobs)?;
+    let mut report = write_image(&tree, out, opts, &blobs)?;
     report.dict_blobs = dict_blobs;
     report.files = stats.files;
     report.inlined_files = stats.inlined_files;
@@ -227,7 +234,7 @@ pub fn build_layer_inputs(
     let store_stats = store.stats.clone();
     let blobs = store.finish()?;
     let (blobs, dict_blobs) = place_dict_blobs(&mut tree, blobs, &dict, &blobs_dir)?;
-    let mut report = write_image(&tree, out, opts.chunk_size, &blobs)?;
+    let mut report = write_image(&tree, out, opts, &blobs)?;
     report.dict_blobs = dict_blobs;
     report.files = applied.stats.files;
     report.inlined_files = applied.stats.inlined_files;
@@ -373,9 +380,16 @@ fn place_dict_blobs(
 pub fn write_image(
     tree: &Tree,
     out: &Path,
-    chunk_size: u32,
+    opts: &BuildOptions,
     blobs: &[DataBlob],
 ) -> Result<BuildReport> {
+    let (prefetch, prefetch_report) = match &opts.prefetch {
+        Some(trace) => {
+            let (list, report) = prefetch::resolve(tree, trace)?;
+            (list, Some(report))
+        }
+        None => (Vec::new(), None),
+    };
     let devices = blobs
         .iter()
         .map(|b| DeviceSpec {
@@ -400,9 +414,10 @@ pub fn write_image(
     let image = ImageManifest {
         format_version: manifest::FORMAT_VERSION,
         block_size: 1 << BLOCK_BITS,
-        chunk_size,
+        chunk_size: opts.chunk_size,
         bootstrap: bootstrap_ref,
         blobs: blobs.to_vec(),
+        prefetch,
     };
     let mut json = serde_json::to_vec_pretty(&image).expect("manifest serializes");
     json.push(b'\n');
@@ -411,6 +426,7 @@ pub fn write_image(
         inodes: summary.inodes,
         bootstrap_bytes: bootstrap.len() as u64,
         blob_bytes: blobs.iter().map(|b| b.size).sum(),
+        prefetch: prefetch_report,
         ..Default::default()
     })
 }

@@ -63,4 +63,17 @@ pub struct ImageManifest {
     pub bootstrap: BlobRef,
     /// Blob `i` is device `i + 1` of the bootstrap's device table.
     pub blobs: Vec<DataBlob>,
+    /// Ranges a mount fetches in the background at once, in this order (from a recorded
+    /// access trace).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub prefetch: Vec<PrefetchExtent>,
+}
+
+/// A range of one blob's uncompressed layout to prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrefetchExtent {
+    /// Index into `blobs`.
+    pub blob: u32,
+    pub offset: u64,
+    pub len: u64,
 }

@@ -211,7 +211,7 @@ impl BlobFetcher {
     }
 
     /// Indices of the chunks overlapping uncompressed bytes `offset..offset + len`.
-    fn chunks_in(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
+    pub fn chunks_in(&self, offset: u64, len: u64) -> std::ops::Range<usize> {
         let entries = &self.cached.table.entries;
         let end = offset.saturating_add(len);
         let first = entries.partition_point(|e| chunk_end(e) <= offset);

@@ -179,6 +179,47 @@ pub fn open_image(
     })
 }
 
+impl OpenedImage {
+    /// Starts fetching in the background, at once: the image's prefetch list (in its order),
+    /// then, with `everything`, every remaining chunk of every blob. Foreground reads
+    /// overtake it (the fetchers pause background work while a miss is being served).
+    /// Errors are logged, not fatal: a later read fetches (or fails) on its own.
+    pub fn start_prefetch(
+        &self,
+        everything: bool,
+        limits: Arc<crate::fetch::PrefetchLimits>,
+    ) -> Option<std::thread::JoinHandle<()>> {
+        if self.manifest.prefetch.is_empty() && !everything {
+            return None;
+        }
+        let list = self.manifest.prefetch.clone();
+        let fetchers = self.fetchers.clone();
+        let name = self.source.to_string();
+        std::thread::Builder::new()
+            .name("lode-prefetch".into())
+            .spawn(move || {
+                for ext in &list {
+                    let Some(f) = fetchers.get(ext.blob as usize) else {
+                        tracing::warn!(image = %name, blob = ext.blob, "prefetch list names a blob the image does not have");
+                        continue;
+                    };
+                    if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), &limits) {
+                        tracing::warn!(image = %name, "prefetch: {e}");
+                    }
+                }
+                if everything {
+                    for f in &fetchers {
+                        if let Err(e) = f.prefetch_all(&limits) {
+                            tracing::warn!(image = %name, "prefetch: {e}");
+                        }
+                    }
+                }
+                tracing::info!(image = %name, "background prefetch done");
+            })
+            .ok()
+    }
+}
+
 /// Writes a verified bootstrap into `<cache>/bootstraps/<hex>` (atomically; reused if there).
 fn store_bootstrap(cache_dir: &Path, hex: &str, bytes: &[u8]) -> Result<PathBuf> {
     let dir = cache_dir.join("bootstraps");

@@ -44,6 +44,10 @@ pub struct Tuning {
     /// Worker threads reading, hashing and compressing data (default: one per core).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// An access trace (`lode mount --record-trace`, or one absolute path per line, optionally
+    /// followed by OFFSET LEN): stored as the image's prefetch list, fetched at mount time.
+    #[arg(long, value_name = "TRACE")]
+    pub prefetch: Option<PathBuf>,
 }
 
 impl Tuning {
@@ -55,6 +59,7 @@ impl Tuning {
             chunk_size,
             inline_max: self.inline_max,
             compression: self.compress,
+            prefetch: self.prefetch.clone(),
             ..Default::default()
         };
         if let Some(t) = self.threads {
@@ -187,6 +192,15 @@ pub fn print_report(
             println!(
                 "{} blob(s) of the chunk dictionary are used and were placed in the output",
                 report.dict_blobs.len()
+            );
+        }
+        if let Some(p) = &report.prefetch {
+            println!(
+                "prefetch list: {} trace entries ({} skipped: not in the image or inline) -> {} ranges, {:.1} MB",
+                p.entries,
+                p.skipped,
+                p.extents,
+                p.bytes as f64 / 1e6
             );
         }
     }

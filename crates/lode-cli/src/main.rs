@@ -44,6 +44,12 @@ enum Command {
     Cat(cmd::cat::Args),
     /// Extract the whole tree with ownership, modes, xattrs, times, hard links and holes.
     Unpack(cmd::unpack::Args),
+    /// Internal: the supervisor of a `lode mount --mode fanotify` mount.
+    #[command(name = "__fanotify-supervisor", hide = true)]
+    FanotifySupervisor(cmd::fanotify::SupervisorArgs),
+    /// Internal: a fanotify worker started by its supervisor.
+    #[command(name = "__fanotify-worker", hide = true)]
+    FanotifyWorker(cmd::fanotify::WorkerArgs),
 }
 
 fn main() {
@@ -60,6 +66,8 @@ fn main() {
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),
         Command::Unpack(args) => cmd::unpack::run(args),
+        Command::FanotifySupervisor(args) => cmd::fanotify::supervisor(args),
+        Command::FanotifyWorker(args) => cmd::fanotify::worker(args),
     };
     if let Err(err) = result {
         // `lode cat … | head` is not an error worth reporting.

@@ -18,7 +18,7 @@ use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -123,7 +123,9 @@ impl BlobCache {
         self.blobs_dir.join(blob.hex())
     }
 
-    fn state_path(&self, blob: &DataBlob) -> PathBuf {
+    /// Path of a blob's state file (chunk table and bitmap); a shared `flock` on it keeps GC
+    /// away from the blob.
+    pub fn state_path(&self, blob: &DataBlob) -> PathBuf {
         self.blobs_dir.join(format!("{}.state", blob.hex()))
     }
 
@@ -394,6 +396,9 @@ pub struct CachedBlob {
     pub blob: DataBlob,
     pub table: ChunkTable,
     data: File,
+    /// A caller-given fd of the same data file that replaces `data` (see
+    /// [`CachedBlob::use_data_file`]).
+    data_override: OnceLock<File>,
     data_path: PathBuf,
     state: File,
     /// Bit per chunk: filled (readable from the data file).
@@ -427,6 +432,7 @@ impl CachedBlob {
             blob,
             table,
             data,
+            data_override: OnceLock::new(),
             data_path,
             state,
             present,
@@ -441,8 +447,27 @@ impl CachedBlob {
         &self.data_path
     }
 
+    /// The fd every fill, read and sync goes through.
     pub fn data_file(&self) -> &File {
-        &self.data
+        self.data_override.get().unwrap_or(&self.data)
+    }
+
+    /// Makes fills, reads and syncs go through `file` instead of the fd the cache opened:
+    /// for a frontend under which fds opened now would raise events (fanotify pre-content
+    /// marks) and that hands in a non-notifying fd of the same file. `file` must be the same
+    /// inode and opened read-write; may be called once.
+    pub fn use_data_file(&self, file: File) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let (a, b) = (file.metadata()?, self.data.metadata()?);
+        if (a.dev(), a.ino()) != (b.dev(), b.ino()) {
+            bail!(
+                "{}: the given fd is not this cache file (another inode)",
+                self.data_path.display()
+            );
+        }
+        self.data_override
+            .set(file)
+            .map_err(|_| anyhow::anyhow!("{}: data fd already replaced", self.data_path.display()))
     }
 
     pub fn is_present(&self, chunk: usize) -> bool {
@@ -458,7 +483,7 @@ impl CachedBlob {
     pub fn fill(self: &Arc<Self>, chunk: usize, data: &[u8]) -> Result<()> {
         let e = &self.table.entries[chunk];
         debug_assert_eq!(data.len(), e.uncompressed_len.get() as usize);
-        self.data
+        self.data_file()
             .write_all_at(data, e.blkaddr.get() as u64 * BLOB_BLOCK_SIZE)
             .with_context(|| format!("writing cache file {}", self.data_path.display()))?;
         let bit = 1u64 << (chunk % 64);
@@ -477,7 +502,7 @@ impl CachedBlob {
 
     /// Reads the uncompressed layout; the caller must have made the range present.
     pub fn read_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
-        self.data.read_exact_at(buf, offset)
+        self.data_file().read_exact_at(buf, offset)
     }
 
     /// Records `chunks` (already durable) in the state file.
@@ -538,7 +563,10 @@ fn commit_pending(committer: &Committer, stats: &CacheStats) {
     }
     for (_, (blob, chunks)) in by_blob {
         // Data first, then the record: a recorded chunk is always durable.
-        let result = blob.data.sync_data().and_then(|_| blob.record(&chunks));
+        let result = blob
+            .data_file()
+            .sync_data()
+            .and_then(|_| blob.record(&chunks));
         match result {
             Ok(()) => {
                 stats

@@ -4,6 +4,7 @@ pub mod build;
 pub mod cache;
 pub mod cat;
 pub mod convert;
+pub mod fanotify;
 pub mod inspect;
 pub mod ls;
 pub mod mount;

@@ -8,6 +8,10 @@ use anyhow::Result;
 pub enum Mode {
     /// Kernel EROFS, file-backed, every blob already local; no daemon.
     Local,
+    /// Kernel EROFS over sparse cache files marked for fanotify pre-content events: each
+    /// missing range is fetched before the kernel reads it (Linux 6.14+; the cache dir must
+    /// be on ext4, xfs or btrfs); IMAGE may be a directory, URL or reference.
+    Fanotify,
 }
 
 #[derive(clap::Args)]
@@ -22,11 +26,27 @@ pub struct Args {
     /// Where uncompressed blob data is kept.
     #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
     pub cache_dir: PathBuf,
+    #[command(flatten)]
+    pub registry: super::registry::RegistryArgs,
+    /// fanotify mode: fetch the whole image in the background (reads overtake it).
+    #[arg(long)]
+    pub prefetch_all: bool,
+    /// fanotify mode: bandwidth limit of --prefetch-all, bytes/s (suffixes K, M, G; 0: none).
+    #[arg(long, value_parser = super::build::parse_bytes, default_value = "0")]
+    pub prefetch_rate: u64,
 }
 
 pub fn run(args: Args) -> Result<()> {
     match args.mode {
         Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint, &args.cache_dir)?,
+        Mode::Fanotify => super::fanotify::mount(super::fanotify::MountOptions {
+            image: &args.image,
+            mountpoint: &args.mountpoint,
+            cache_dir: &args.cache_dir,
+            registry: &args.registry,
+            prefetch_all: args.prefetch_all,
+            prefetch_rate: args.prefetch_rate,
+        })?,
     }
     Ok(())
 }

@@ -1,0 +1,537 @@
+//! The worker: reads pre-content events from the group and fills ranges (see the crate docs
+//! for the protocol). Runs as its own process so that `kill -9` of it costs nothing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context, Result};
+use lode_format::blob::BLOB_BLOCK_SIZE;
+use lode_format::manifest;
+use lode_storage::backend::http::HttpBackend;
+use lode_storage::backend::local::LocalDirBackend;
+use lode_storage::backend::registry::{backend_client_options, RegistryBackend};
+use lode_storage::backend::Backend;
+use lode_storage::cache::BlobCache;
+use lode_storage::fetch::{BlobFetcher, FetchStats, PrefetchLimits};
+use lode_storage::image::{ImageSource, SourceOptions};
+use tracing::{debug, error, info, warn};
+
+use crate::abi::{self, fan_deny_errno, Event, FAN_ALLOW};
+use crate::journal::{Counter, Journal, COUNTERS, FETCH_COUNTERS, SLOT_BUF};
+use crate::stats::Stats;
+use crate::{proc, sys, Spec, WORKER_NOFILE};
+
+/// What a worker is started with (the supervisor appends the fd numbers to its argv).
+pub struct WorkerArgs {
+    pub spec: PathBuf,
+    pub group_fd: RawFd,
+    pub journal_fd: RawFd,
+    pub data_fds: Vec<RawFd>,
+    /// How to reach the source (registry credentials etc.), from the worker's own argv.
+    pub source: SourceOptions,
+}
+
+const EIO_DENY: u32 = fan_deny_errno(libc::EIO);
+
+struct Served {
+    spec: Spec,
+    group: OwnedFd,
+    journal: Journal,
+    /// Kept alive: it commits filled chunks to the state files.
+    _cache: Arc<BlobCache>,
+    fetchers: Vec<Arc<BlobFetcher>>,
+    stats: Arc<FetchStats>,
+    by_inode: HashMap<(u64, u64), usize>,
+    prefetch: Mutex<String>,
+}
+
+/// What to do with one event.
+enum Decision {
+    Allow(Counter),
+    Deny(Counter),
+    Fill { blob: usize, start: u64, len: u64 },
+}
+
+/// Runs a worker; returns only on a setup error.
+pub fn run(args: WorkerArgs) -> Result<()> {
+    sys::raise_nofile(WORKER_NOFILE);
+    // Own the inherited fds first (and make them close-on-exec).
+    let group = sys::take_inherited_fd(args.group_fd).context("the group fd")?;
+    let journal =
+        Journal::open(sys::take_inherited_fd(args.journal_fd).context("the journal fd")?)?;
+    let data = args
+        .data_fds
+        .iter()
+        .map(|&fd| sys::take_inherited_fd(fd))
+        .collect::<Result<Vec<_>>>()
+        .context("the blob fds")?;
+    let spec = Spec::load(&args.spec)?;
+    if data.len() != spec.manifest.blobs.len() {
+        bail!(
+            "{} blob fds for {} blobs",
+            data.len(),
+            spec.manifest.blobs.len()
+        );
+    }
+    if spec.threads == 0 || spec.threads > journal.nslots() {
+        bail!(
+            "{} reader threads for a journal of {} slots",
+            spec.threads,
+            journal.nslots()
+        );
+    }
+    let generation = journal.begin_generation(std::process::id());
+    info!(generation, mountpoint = %spec.mountpoint.display(), "worker starting");
+
+    let (cache, fetchers, stats) = open_fetchers(&spec, &args.source)?;
+    let mut by_inode = HashMap::new();
+    for (i, (f, fd)) in fetchers.iter().zip(data).enumerate() {
+        let key = sys::dev_ino(fd.as_fd())?;
+        f.cached().use_data_file(File::from(fd))?;
+        by_inode.insert(key, i);
+    }
+    let served = Arc::new(Served {
+        prefetch: Mutex::new(if prefetching(&spec) { "running" } else { "off" }.into()),
+        spec,
+        group,
+        journal,
+        _cache: cache,
+        fetchers,
+        stats,
+        by_inode,
+    });
+
+    served.settle();
+    served.journal.set_ready(generation);
+    info!(generation, "worker ready");
+
+    let mut threads = Vec::new();
+    for slot in 0..served.spec.threads {
+        let s = served.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("fan-reader-{slot}"))
+                .spawn(move || s.serve_slot(slot))?,
+        );
+    }
+    {
+        let s = served.clone();
+        std::thread::Builder::new()
+            .name("fan-stats".into())
+            .spawn(move || s.stats_loop())?;
+    }
+    if prefetching(&served.spec) {
+        let s = served.clone();
+        std::thread::Builder::new()
+            .name("fan-prefetch".into())
+            .spawn(move || s.prefetch_loop())?;
+    }
+    for t in threads {
+        let _ = t.join();
+    }
+    bail!("every reader thread ended")
+}
+
+/// Background prefetch: the image's prefetch list, and everything with `--prefetch-all`.
+fn prefetching(spec: &Spec) -> bool {
+    spec.prefetch_all || !spec.manifest.prefetch.is_empty()
+}
+
+type Opened = (Arc<BlobCache>, Vec<Arc<BlobFetcher>>, Arc<FetchStats>);
+
+/// Opens the cache entries `lode mount` created, for exactly the manifest in the spec. No
+/// network: the chunk tables are in the cache.
+fn open_fetchers(spec: &Spec, opts: &SourceOptions) -> Result<Opened> {
+    let source = ImageSource::parse(&spec.source)?;
+    let backend: Arc<dyn Backend> = match &source {
+        ImageSource::Dir(d) => Arc::new(LocalDirBackend::new(d.join(manifest::BLOBS_DIR))),
+        ImageSource::Http(url) => {
+            Arc::new(HttpBackend::new(url, opts.http.clone()).with_context(|| url.clone())?)
+        }
+        ImageSource::Registry(r) => {
+            let client =
+                lode_registry::RegistryClient::new(backend_client_options(opts.registry.clone()))?;
+            Arc::new(RegistryBackend::with_shared_client(
+                Arc::new(client),
+                r.clone(),
+            ))
+        }
+    };
+    let cache = BlobCache::open(&spec.cache_dir)?;
+    let stats = Arc::new(FetchStats::default());
+    let mut fetchers = Vec::new();
+    for (i, blob) in spec.manifest.blobs.iter().enumerate() {
+        // The entry must be the one the kernel has open; never create a new one.
+        let held = cache.open_existing(blob)?.with_context(|| {
+            format!(
+                "the cache entry of blob {} is gone or invalid; the mount cannot be served",
+                blob.digest
+            )
+        })?;
+        if held.data_path() != spec.data_paths[i] {
+            bail!("blob {}: cache path changed", blob.digest);
+        }
+        fetchers.push(BlobFetcher::open(
+            &cache,
+            backend.clone(),
+            blob,
+            opts.fetch.clone(),
+            stats.clone(),
+        )?);
+    }
+    Ok((cache, fetchers, stats))
+}
+
+impl Served {
+    fn blob_size(&self, blob: usize) -> u64 {
+        self.spec.manifest.blobs[blob].uncompressed_size
+    }
+
+    /// `[start, end)` of an event range clamped to blob `blob`, if anything is left.
+    fn clamp(&self, blob: usize, range: Option<(u64, u64)>) -> Option<(u64, u64)> {
+        let size = self.blob_size(blob);
+        // No range record: not something FAN_PRE_ACCESS produces; fill the whole file.
+        let (off, count) = range.unwrap_or((0, size));
+        if count == 0 {
+            // Only ftruncate reports count 0; nothing is read.
+            return None;
+        }
+        let end = off.saturating_add(count).min(size);
+        (off < end).then_some((off, end))
+    }
+
+    /// Every chunk overlapping `[start, end)` of `blob` is in the cache.
+    fn all_present(&self, blob: usize, start: u64, end: u64) -> bool {
+        let cached = self.fetchers[blob].cached();
+        let entries = &cached.table.entries;
+        let cstart = |i: usize| entries[i].blkaddr.get() as u64 * BLOB_BLOCK_SIZE;
+        let cend = |i: usize| {
+            cstart(i) + (entries[i].uncompressed_len.get() as u64).next_multiple_of(BLOB_BLOCK_SIZE)
+        };
+        let first = entries.partition_point(|e| {
+            e.blkaddr.get() as u64 * BLOB_BLOCK_SIZE
+                + (e.uncompressed_len.get() as u64).next_multiple_of(BLOB_BLOCK_SIZE)
+                <= start
+        });
+        let mut i = first;
+        while i < entries.len() && cstart(i) < end {
+            if cend(i) > start && !cached.is_present(i) {
+                return false;
+            }
+            i += 1;
+        }
+        true
+    }
+
+    fn decide(&self, fd: &OwnedFd, ev: &Event) -> Decision {
+        let blob = match sys::dev_ino(fd.as_fd())
+            .ok()
+            .and_then(|k| self.by_inode.get(&k))
+        {
+            Some(&b) => b,
+            None => {
+                warn!(?ev, "event on a file that is not one of our blobs: EIO");
+                return Decision::Deny(Counter::Unknown);
+            }
+        };
+        match self.clamp(blob, ev.range) {
+            None => Decision::Allow(Counter::AllowedEmpty),
+            Some((s, e)) if self.all_present(blob, s, e) => Decision::Allow(Counter::AllowedCached),
+            Some((start, end)) => Decision::Fill {
+                blob,
+                start,
+                len: end - start,
+            },
+        }
+    }
+
+    /// write response → set answered → close fd (this order is the protocol).
+    fn answer(&self, slot: usize, i: usize, fd: OwnedFd, response: u32) {
+        if let Err(e) = sys::respond(self.group.as_fd(), fd.as_raw_fd(), response) {
+            self.journal.count(Counter::RespondErrors, 1);
+            error!(
+                fd = fd.as_raw_fd(),
+                response, "fanotify response refused: {e}"
+            );
+        }
+        self.journal.set_answered(slot, i);
+        drop(fd);
+    }
+
+    fn fill(&self, blob: usize, start: u64, len: u64) -> u32 {
+        match self.fetchers[blob].ensure(start, len) {
+            Ok(()) => FAN_ALLOW,
+            Err(e) => {
+                warn!(blob, start, len, "fill failed, answering EIO: {e}");
+                EIO_DENY
+            }
+        }
+    }
+
+    fn serve_slot(&self, slot: usize) {
+        loop {
+            self.journal.clear_slot(slot);
+            let n = match self.journal.read_into_slot(slot, self.group.as_fd()) {
+                Ok(n) => n,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => {
+                    // EMFILE: the kernel denied that event already (EPERM to the reader).
+                    error!(slot, "reading the fanotify group: {e}");
+                    std::thread::sleep(Duration::from_millis(50));
+                    continue;
+                }
+            };
+            let bytes = self.journal.slot_bytes(slot, n);
+            let (events, garbage) = abi::parse_events(&bytes);
+            if garbage {
+                error!(slot, n, "unparsable bytes after {} events", events.len());
+            }
+            let mut misses = Vec::new();
+            for (i, ev) in events.iter().enumerate() {
+                if ev.fd < 0 {
+                    if ev.mask & abi::FAN_Q_OVERFLOW != 0 {
+                        self.journal.count(Counter::Overflows, 1);
+                        error!("fanotify queue overflow: the kernel allowed events unseen");
+                    }
+                    self.journal.set_answered(slot, i);
+                    continue;
+                }
+                // SAFETY: the kernel installed this fd in our table for this event when we
+                // read it; this is its only owner.
+                let fd = unsafe { OwnedFd::from_raw_fd(ev.fd) };
+                self.journal.count(Counter::Events, 1);
+                match self.decide(&fd, ev) {
+                    Decision::Allow(c) => {
+                        self.journal.count(c, 1);
+                        self.answer(slot, i, fd, FAN_ALLOW);
+                    }
+                    Decision::Deny(c) => {
+                        self.journal.count(c, 1);
+                        self.journal.count(Counter::Denied, 1);
+                        self.answer(slot, i, fd, EIO_DENY);
+                    }
+                    Decision::Fill { blob, start, len } => {
+                        self.journal.set_blob(slot, i, blob);
+                        misses.push((i, fd, blob, start, len));
+                    }
+                }
+            }
+            let serve = |(i, fd, blob, start, len): (usize, OwnedFd, usize, u64, u64)| {
+                debug!(blob, start, len, pid = events[i].pid, "filling");
+                let r = self.fill(blob, start, len);
+                self.journal.count(
+                    if r == FAN_ALLOW {
+                        Counter::AllowedFilled
+                    } else {
+                        Counter::Denied
+                    },
+                    1,
+                );
+                self.answer(slot, i, fd, r);
+            };
+            if misses.len() <= 1 {
+                misses.into_iter().for_each(serve);
+            } else {
+                std::thread::scope(|sc| {
+                    for m in misses {
+                        sc.spawn(move || serve(m));
+                    }
+                });
+            }
+        }
+    }
+
+    /// Settles what dead predecessors left pending (crate docs, "The journal protocol").
+    fn settle(&self) {
+        struct Stale {
+            slot: usize,
+            i: usize,
+            ev: Event,
+            blob: Option<usize>,
+        }
+        let mut stale = Vec::new();
+        for slot in 0..self.journal.nslots() {
+            let (events, _) = abi::parse_events(&self.journal.slot_bytes(slot, SLOT_BUF));
+            for (i, ev) in events.into_iter().enumerate() {
+                let (answered, blob) = self.journal.event_state(slot, i);
+                if ev.fd >= 0 && !answered {
+                    stale.push(Stale { slot, i, ev, blob });
+                }
+            }
+        }
+        if !stale.is_empty() {
+            info!(
+                events = stale.len(),
+                "settling events a dead worker had read"
+            );
+        }
+        let settle_one = |st: &Stale| {
+            let blobs: Vec<usize> = match st.blob {
+                Some(b) if b < self.fetchers.len() => vec![b],
+                _ => (0..self.fetchers.len()).collect(),
+            };
+            let mut response = FAN_ALLOW;
+            for b in blobs {
+                if let Some((s, e)) = self.clamp(b, st.ev.range) {
+                    if self.fill(b, s, e - s) != FAN_ALLOW {
+                        response = EIO_DENY;
+                    }
+                }
+            }
+            match sys::respond(self.group.as_fd(), st.ev.fd, response) {
+                Ok(()) => {
+                    self.journal.count(Counter::Settled, 1);
+                    if response != FAN_ALLOW {
+                        self.journal.count(Counter::SettledDenied, 1);
+                    }
+                    info!(fd = st.ev.fd, range = ?st.ev.range, response, "settled a stale event");
+                }
+                // The dead worker had answered it (and died before setting its bit).
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+                Err(e) => {
+                    self.journal.count(Counter::RespondErrors, 1);
+                    error!(fd = st.ev.fd, "settling a stale event: {e}");
+                }
+            }
+            self.journal.set_answered(st.slot, st.i);
+        };
+        std::thread::scope(|sc| {
+            for st in &stale {
+                sc.spawn(move || settle_one(st));
+            }
+        });
+        for slot in 0..self.journal.nslots() {
+            self.journal.clear_slot(slot);
+        }
+        // Safety net: any pending event with an fd number gets EIO rather than a reader
+        // blocked forever (none expected; nothing new has been read yet).
+        let mut swept = 0;
+        for n in 0..WORKER_NOFILE as RawFd {
+            if sys::respond(self.group.as_fd(), n, EIO_DENY).is_ok() {
+                swept += 1;
+            }
+        }
+        if swept > 0 {
+            self.journal.count(Counter::Swept, swept);
+            error!(swept, "answered unjournaled stale events with EIO");
+        }
+    }
+
+    fn snapshot(&self) -> Stats {
+        let ws = self.stats.snapshot();
+        self.journal.publish_fetch(&[
+            ws.requests,
+            ws.bytes_fetched,
+            ws.chunks_fetched,
+            ws.errors,
+            ws.hits,
+            ws.misses,
+        ]);
+        let totals = self.journal.fetch_totals();
+        let blobs = &self.spec.manifest.blobs;
+        Stats {
+            mountpoint: self.spec.mountpoint.display().to_string(),
+            image: self.spec.image.clone(),
+            supervisor_pid: std::os::unix::process::parent_id(),
+            worker_pid: std::process::id(),
+            worker_generation: self.journal.generation(),
+            worker_restarts: self.journal.restarts(),
+            updated: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs_f64())
+                .unwrap_or(0.0),
+            image_bytes: blobs.iter().map(|b| b.uncompressed_size).sum(),
+            blob_bytes: blobs.iter().map(|b| b.size).sum(),
+            chunks: blobs.iter().map(|b| b.chunk_count).sum(),
+            chunks_present: self
+                .fetchers
+                .iter()
+                .map(|f| f.cached().chunks_present.load(Ordering::Relaxed))
+                .sum(),
+            open_requests: self.spec.open_requests,
+            open_bytes: self.spec.open_bytes,
+            fetch: FETCH_COUNTERS
+                .iter()
+                .zip(totals)
+                .map(|(k, v)| (k.to_string(), v))
+                .collect(),
+            events: COUNTERS
+                .iter()
+                .map(|(c, k)| (k.to_string(), self.journal.counter(*c)))
+                .collect::<BTreeMap<_, _>>(),
+            worker_fetch: serde_json::to_value(&ws).unwrap_or_default(),
+            prefetch: self.prefetch.lock().expect("prefetch lock").clone(),
+        }
+    }
+
+    fn stats_loop(&self) {
+        let parent = std::os::unix::process::parent_id();
+        loop {
+            if let Err(e) = self.snapshot().save(&self.spec.stats_path) {
+                debug!("stats: {e:#}");
+            }
+            std::thread::sleep(Duration::from_millis(250));
+            if std::os::unix::process::parent_id() != parent {
+                self.orphaned();
+            }
+        }
+    }
+
+    /// The supervisor died: we hold the group now. Serve until the mount is unreachable,
+    /// then exit (closing the group, which removes the marks).
+    fn orphaned(&self) {
+        let dev = self.journal.erofs_dev();
+        let me = std::process::id();
+        if dev != 0 && (proc::mounted_in("self", dev) || !proc::users_of(dev, &[me]).is_empty()) {
+            return;
+        }
+        error!("the supervisor is gone and the mount is unreachable: worker exiting");
+        let mnt = &self.spec.mountpoint;
+        if lode_mount::runtime::load(mnt).is_some_and(|r| r.mode == "fanotify") {
+            lode_mount::runtime::remove(mnt);
+        }
+        std::process::exit(0);
+    }
+
+    fn prefetch_loop(&self) {
+        let limits = PrefetchLimits::new(self.spec.prefetch_rate);
+        let mut delay = Duration::from_secs(1);
+        loop {
+            let mut failed = None;
+            // The image's prefetch list first, in its order; then, if asked, everything.
+            for ext in &self.spec.manifest.prefetch {
+                let Some(f) = self.fetchers.get(ext.blob as usize) else {
+                    continue;
+                };
+                if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), &limits) {
+                    failed = Some(e.to_string());
+                }
+            }
+            if self.spec.prefetch_all {
+                for f in &self.fetchers {
+                    if let Err(e) = f.prefetch_all(&limits) {
+                        failed = Some(e.to_string());
+                    }
+                }
+            }
+            match failed {
+                None => {
+                    info!("background prefetch done");
+                    *self.prefetch.lock().expect("prefetch lock") = "done".into();
+                    return;
+                }
+                Some(e) => {
+                    warn!("prefetch failed, retrying in {delay:?}: {e}");
+                    *self.prefetch.lock().expect("prefetch lock") = format!("failed: {e}");
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(60));
+                }
+            }
+        }
+    }
+}

@@ -44,6 +44,12 @@ enum Command {
     Cat(cmd::cat::Args),
     /// Extract the whole tree with ownership, modes, xattrs, times, hard links and holes.
     Unpack(cmd::unpack::Args),
+    /// Internal: the FUSE supervisor started by `lode mount --mode fuse`.
+    #[command(name = "__fuse-supervisor", hide = true)]
+    FuseSupervisor,
+    /// Internal: a FUSE worker started by the supervisor.
+    #[command(name = "__fuse-worker", hide = true)]
+    FuseWorker,
     /// Internal: the supervisor of a `lode mount --mode fanotify` mount.
     #[command(name = "__fanotify-supervisor", hide = true)]
     FanotifySupervisor(cmd::fanotify::SupervisorArgs),
@@ -66,6 +72,8 @@ fn main() {
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),
         Command::Unpack(args) => cmd::unpack::run(args),
+        Command::FuseSupervisor => lode_fuse::supervisor::main(),
+        Command::FuseWorker => lode_fuse::worker::main(),
         Command::FanotifySupervisor(args) => cmd::fanotify::supervisor(args),
         Command::FanotifyWorker(args) => cmd::fanotify::worker(args),
     };

@@ -49,6 +49,13 @@ fn record_path(mountpoint: &Path) -> PathBuf {
     run_dir().join(format!("{key}-{hash:016x}.json"))
 }
 
+/// The control socket of the process serving `mountpoint` (canonical): short, so it fits
+/// `sun_path` whatever the mount point.
+pub fn control_path(mountpoint: &Path) -> PathBuf {
+    let hash = xxhash64(mountpoint.as_os_str().as_encoded_bytes());
+    run_dir().join(format!("{hash:016x}.sock"))
+}
+
 fn xxhash64(bytes: &[u8]) -> u64 {
     // FNV-1a: stable, dependency-free; only disambiguates names that map to the same key.
     bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {

@@ -12,6 +12,10 @@ pub enum Mode {
     /// missing range is fetched before the kernel reads it (Linux 6.14+; the cache dir must
     /// be on ext4, xfs or btrfs); IMAGE may be a directory, URL or reference.
     Fanotify,
+    /// FUSE: lode's reader serves the image, data fetched on first read (directory, http(s)
+    /// URL or registry reference), passthrough once a file is local; a supervisor keeps the
+    /// mount up across worker restarts.
+    Fuse,
 }
 
 #[derive(clap::Args)]
@@ -34,6 +38,12 @@ pub struct Args {
     /// fanotify mode: bandwidth limit of --prefetch-all, bytes/s (suffixes K, M, G; 0: none).
     #[arg(long, value_parser = super::build::parse_bytes, default_value = "0")]
     pub prefetch_rate: u64,
+    /// FUSE mode: serve every read through lode (no FUSE passthrough).
+    #[arg(long)]
+    pub no_passthrough: bool,
+    /// FUSE mode: request-serving threads.
+    #[arg(long, default_value_t = 8)]
+    pub threads: usize,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -47,7 +57,47 @@ pub fn run(args: Args) -> Result<()> {
             prefetch_all: args.prefetch_all,
             prefetch_rate: args.prefetch_rate,
         })?,
+        Mode::Fuse => fuse_mount(&args)?,
     }
+    Ok(())
+}
+
+fn fuse_mount(args: &Args) -> Result<()> {
+    use anyhow::Context;
+    let r = &args.registry;
+    let credentials = match &r.creds {
+        Some(c) => {
+            let (u, p) = c.split_once(':').context("--creds must be USER:PASSWORD")?;
+            Some((u.to_string(), p.to_string()))
+        }
+        None => None,
+    };
+    let image = args
+        .image
+        .to_str()
+        .context("IMAGE must be valid UTF-8")?
+        .to_string();
+    let m = lode_fuse::mount(&lode_fuse::MountConfig {
+        image,
+        mountpoint: args.mountpoint.clone(),
+        cache_dir: args.cache_dir.clone(),
+        registry: lode_fuse::RegistryOptions {
+            plain_http: r.plain_http,
+            insecure_tls: r.insecure_tls,
+            credentials,
+            docker_config: r.auth_file.clone(),
+            retries: r.retries,
+        },
+        passthrough: !args.no_passthrough,
+        threads: args.threads,
+    })?;
+    eprintln!(
+        "lode: {} mounted on {} (FUSE, supervisor pid {}, log {})",
+        args.image.display(),
+        args.mountpoint.display(),
+        m.supervisor_pid,
+        m.log.display()
+    );
     Ok(())
 }
 

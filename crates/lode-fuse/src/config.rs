@@ -1,0 +1,101 @@
+//! What `lode mount` hands the supervisor and the supervisor hands each worker. Both travel
+//! as JSON over the child's stdin (never argv or the environment: they may hold registry
+//! credentials).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use lode_format::manifest::{self, ImageManifest};
+use lode_storage::backend::http::{HttpBackend, HttpOptions};
+use lode_storage::backend::local::LocalDirBackend;
+use lode_storage::backend::registry::{backend_client_options, RegistryBackend};
+use lode_storage::backend::Backend;
+use lode_storage::image::{ImageSource, SourceOptions};
+use serde::{Deserialize, Serialize};
+
+use crate::abi::Negotiated;
+
+/// Registry client options (a serializable mirror of `lode_registry::ClientOptions`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RegistryOptions {
+    pub plain_http: bool,
+    pub insecure_tls: bool,
+    pub credentials: Option<(String, String)>,
+    pub docker_config: Option<PathBuf>,
+    pub retries: u32,
+}
+
+impl RegistryOptions {
+    pub fn client_options(&self) -> lode_registry::ClientOptions {
+        lode_registry::ClientOptions {
+            plain_http: self.plain_http,
+            insecure_tls: self.insecure_tls,
+            credentials: self.credentials.clone(),
+            docker_config: self.docker_config.clone(),
+            retries: self.retries,
+            ..Default::default()
+        }
+    }
+
+    pub fn source_options(&self) -> SourceOptions {
+        SourceOptions {
+            registry: self.client_options(),
+            http: HttpOptions {
+                insecure_tls: self.insecure_tls,
+                ..Default::default()
+            },
+            fetch: Default::default(),
+        }
+    }
+}
+
+/// `lode mount IMAGE MNT --mode fuse …`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountConfig {
+    /// IMAGE as given: a directory, an http(s) URL or a registry reference.
+    pub image: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub registry: RegistryOptions,
+    /// Use FUSE passthrough for files whose data is local.
+    pub passthrough: bool,
+    /// Request-serving threads per worker.
+    pub threads: usize,
+}
+
+/// Everything a worker needs; nothing in it requires the network, so a worker restarted
+/// while the remote is unreachable still serves what is cached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkerConfig {
+    pub mount: MountConfig,
+    /// The image as it was resolved when mounting (a moved tag does not change it).
+    pub manifest: ImageManifest,
+    /// The verified bootstrap in the cache.
+    pub bootstrap: PathBuf,
+    pub negotiated: Negotiated,
+    /// Passthrough wanted, negotiated and allowed.
+    pub passthrough: bool,
+    /// Descriptor numbers the worker inherits.
+    pub fuse_fd: i32,
+    pub state_fd: i32,
+}
+
+/// The backend blobs are read from, built without any network access.
+pub fn blob_backend(mount: &MountConfig) -> Result<Arc<dyn Backend>> {
+    let source = ImageSource::parse(&mount.image)?;
+    Ok(match source {
+        ImageSource::Dir(dir) => Arc::new(LocalDirBackend::new(dir.join(manifest::BLOBS_DIR))),
+        ImageSource::Http(url) => Arc::new(
+            HttpBackend::new(&url, mount.registry.source_options().http)
+                .with_context(|| format!("image at {url}"))?,
+        ),
+        ImageSource::Registry(reference) => {
+            // Blobs are addressed by digest: the repository is all that matters.
+            let client = lode_registry::RegistryClient::new(backend_client_options(
+                mount.registry.client_options(),
+            ))?;
+            Arc::new(RegistryBackend::new(client, reference))
+        }
+    })
+}

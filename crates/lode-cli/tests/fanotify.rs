@@ -175,14 +175,18 @@ struct FanMount {
 
 impl FanMount {
     fn mount(image: &str, w: &Path, extra: &[&str]) -> FanMount {
-        let mnt = w.join("mnt");
+        FanMount::mount_at(image, w, "mnt", "cache", extra)
+    }
+
+    fn mount_at(image: &str, w: &Path, name: &str, cache: &str, extra: &[&str]) -> FanMount {
+        let mnt = w.join(name);
         std::fs::create_dir_all(&mnt).unwrap();
         let run_dir = w.join("run");
         let out = run(lode()
             .env("LODE_RUN_DIR", &run_dir)
             .env("RUST_LOG", "info")
             .args(["mount", "--mode", "fanotify", "--plain-http", "--cache-dir"])
-            .arg(w.join("cache"))
+            .arg(w.join(cache))
             .args(extra)
             .arg(image)
             .arg(&mnt));
@@ -283,14 +287,25 @@ impl FanMount {
         for p in worker {
             assert!(!alive(p), "worker {p} is still running");
         }
-        // No record, spec or stats left; only the log.
-        let left: Vec<String> = std::fs::read_dir(&self.run_dir)
+        // No record, spec or stats of this mount left; only its log.
+        assert!(!self.stats.exists(), "stats file left");
+        assert!(
+            !self.stats.with_extension("spec").exists(),
+            "spec file left"
+        );
+        let records: Vec<PathBuf> = std::fs::read_dir(&self.run_dir)
             .unwrap()
             .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.ends_with(".log"))
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .filter(|p| {
+                serde_json::from_slice::<serde_json::Value>(&std::fs::read(p).unwrap_or_default())
+                    .ok()
+                    .and_then(|v| v["mountpoint"].as_str().map(PathBuf::from))
+                    == Some(self.mnt.clone())
+            })
             .collect();
-        assert!(left.is_empty(), "left in the run dir: {left:?}");
+        assert!(records.is_empty(), "mount record left: {records:?}");
     }
 }
 
@@ -631,6 +646,50 @@ fn registry_down_gives_eio_then_recovers() {
     );
     assert!(s.event("denied_eio") > 0, "{s:#?}");
     m.umount();
+}
+
+/// Two mounts of one image share a cache: the second one's fds are opened while the first
+/// one's marks exist (they would be notifying), yet both fill without deadlock and read right.
+/// Also: a local image directory as the source, and `--prefetch-all`.
+#[test]
+fn two_mounts_share_a_cache() {
+    let work = work_dir();
+    let w = work.path();
+    let src = w.join("src");
+    make_tree(&src, 55, 4, 1 << 20);
+    run(lode().arg("build").arg(&src).arg("-o").arg(w.join("img")));
+    let img = w.join("img").display().to_string();
+    let a = FanMount::mount_at(&img, w, "a", "cache", &[]);
+    let b = FanMount::mount_at(&img, w, "b", "cache", &[]);
+    let files = regular_files(&src);
+    drop_caches();
+    assert_eq!(check_files(&src, &b.mnt, &files).1, 0);
+    drop_caches();
+    assert_eq!(check_files(&src, &a.mnt, &files).1, 0);
+    assert_same_tree(&src, &b.mnt);
+    let (sa, sb) = (a.stats(), b.stats());
+    assert_eq!(sa.event("denied_eio") + sb.event("denied_eio"), 0);
+    b.umount();
+    // A still serves after B is gone.
+    drop_caches();
+    let (_, wrong, errors) = check_files(&src, &a.mnt, &files);
+    assert_eq!((wrong, errors), (0, 0));
+    a.umount();
+
+    // --prefetch-all fetches the whole image in the background, with nobody reading.
+    let c = FanMount::mount_at(&img, w, "c", "cache-c", &["--prefetch-all"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = c.stats();
+        if s.prefetch == "done" {
+            assert_eq!(s.chunks_present, s.chunks);
+            break;
+        }
+        assert!(Instant::now() < deadline, "prefetch did not finish: {s:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_same_tree(&src, &c.mnt);
+    c.umount();
 }
 
 /// The cache directory must be on ext4/xfs/btrfs: tmpfs is refused with a clear message.

@@ -168,11 +168,21 @@ impl Running {
             return Err(e);
         }
         r.mounted = true;
-        r.dev = rustix::fs::stat(&r.spec.mountpoint)
-            .context("stat of the new mount")?
-            .st_dev;
+        // From here on the mount exists: never return an error (that would exit and fail
+        // it open) unless it could be unmounted again.
+        match rustix::fs::stat(&r.spec.mountpoint) {
+            Ok(st) => r.dev = st.st_dev,
+            Err(e) => {
+                let e = anyhow!("stat of the new mount {}: {e}", r.spec.mountpoint.display());
+                if lode_mount::kernel::umount(&r.spec.mountpoint).is_ok() {
+                    r.kill_worker();
+                    return Err(e);
+                }
+                error!("{e:#}; cannot unmount it either: serving on, exit detection disabled");
+            }
+        }
         r.journal.set_erofs_dev(r.dev);
-        runtime::save(&MountRecord {
+        let saved = runtime::save(&MountRecord {
             mountpoint: r.spec.mountpoint.clone(),
             mode: "fanotify".into(),
             image: r.spec.image.clone(),
@@ -183,7 +193,10 @@ impl Running {
                 .duration_since(UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-        })?;
+        });
+        if let Err(e) = saved {
+            error!("writing the mount record: {e:#} (`lode umount` will not find this process; it exits on its own once unmounted)");
+        }
         Ok(r)
     }
 
@@ -260,33 +273,49 @@ impl Running {
     }
 
     fn run(&mut self) {
-        let me = std::process::id();
         let mut said_busy = false;
         let mut said_term = false;
         loop {
             std::thread::sleep(TICK);
+            // A panic here must not end the process while the mount exists.
+            let tick = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.tick(&mut said_busy, &mut said_term)
+            }));
+            match tick {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(_) => error!("supervisor tick panicked; carrying on"),
+            }
+        }
+    }
+
+    /// One round of supervision; true when the mount is gone and unreachable.
+    fn tick(&mut self, said_busy: &mut bool, said_term: &mut bool) -> bool {
+        let me = std::process::id();
+        {
             self.keep_worker();
-            if !proc::mounted_in("self", self.dev) {
+            if self.dev != 0 && !proc::mounted_in("self", self.dev) {
                 let wpid = self.worker.as_ref().map(|c| c.id()).unwrap_or(0);
                 let users = proc::users_of(self.dev, &[me, wpid]);
                 if users.is_empty() {
                     info!("the mount is gone and nothing can reach it: exiting");
                     self.mounted = false;
-                    return;
+                    return true;
                 }
-                if !said_busy {
+                if !*said_busy {
                     warn!(
                         ?users,
                         "unmounted here but still reachable; serving until they let go"
                     );
-                    said_busy = true;
+                    *said_busy = true;
                 }
             }
-            if TERM_REQUESTED.load(Ordering::SeqCst) && !said_term {
+            if TERM_REQUESTED.load(Ordering::SeqCst) && !*said_term {
                 info!("termination requested: exiting once the mount is gone (exiting now would fail it open)");
-                said_term = true;
+                *said_term = true;
             }
         }
+        false
     }
 
     /// Reaps a dead worker and starts the next one (with backoff when they die young).

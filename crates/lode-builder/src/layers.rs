@@ -94,7 +94,13 @@ pub struct LayerReport {
     /// `sha256:…` of the blob holding the new chunks (`None`: the layer added none).
     pub blob: Option<String>,
     pub blob_bytes: u64,
+    /// What was skipped (xattrs EROFS cannot hold, data after the end of the archive).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
+
+/// Most warnings kept per layer (the rest are counted).
+const MAX_WARNINGS: usize = 20;
 
 /// Totals over all layers.
 #[derive(Debug, Clone, Default)]
@@ -203,6 +209,8 @@ pub fn apply_layers(
             free: free_rx,
             stats: LayerStats::default(),
             pipeline_closed: false,
+            warnings: Vec::new(),
+            dropped_warnings: 0,
         };
         let mut reports = Vec::new();
         let mut result = Ok(());
@@ -362,6 +370,9 @@ struct Applier {
     free: Receiver<Vec<u8>>,
     stats: LayerStats,
     pipeline_closed: bool,
+    /// Warnings of the current layer.
+    warnings: Vec<String>,
+    dropped_warnings: u64,
 }
 
 /// Normalizes an entry name into components; rejects escapes from the root.
@@ -432,6 +443,7 @@ impl Applier {
             deduplicated_bytes: 0,
             blob: None,
             blob_bytes: 0,
+            warnings: Vec::new(),
         };
         let mut previous: Option<String> = None;
         loop {
@@ -457,10 +469,26 @@ impl Applier {
         self.end_layer();
         // Read what follows the end-of-archive marker, then the rest of the compressed
         // input: the decompressor checks its trailer, a digest-checking source its digest.
-        let (buffered, tar_bytes) = tar
+        let (buffered, tar_bytes, trailing_data) = tar
             .finish()
             .map_err(anyhow::Error::new)
             .with_context(|| format!("{label}: reading past the end of the archive"))?;
+        if trailing_data {
+            self.warn(
+                "data after the end-of-archive marker is ignored (concatenated archives are not read)"
+                    .to_string(),
+            );
+        }
+        report.warnings = std::mem::take(&mut self.warnings);
+        if self.dropped_warnings > 0 {
+            report
+                .warnings
+                .push(format!("… and {} more warnings", self.dropped_warnings));
+            self.dropped_warnings = 0;
+        }
+        for w in &report.warnings {
+            tracing::warn!("{label}: {w}");
+        }
         buffered
             .into_inner()
             .drain_input()
@@ -705,7 +733,15 @@ impl Applier {
         Ok(())
     }
 
-    fn metadata(&self, e: &Entry) -> Result<Metadata> {
+    fn warn(&mut self, w: String) {
+        if self.warnings.len() < MAX_WARNINGS {
+            self.warnings.push(w);
+        } else {
+            self.dropped_warnings += 1;
+        }
+    }
+
+    fn metadata(&mut self, e: &Entry) -> Result<Metadata> {
         let uid =
             u32::try_from(e.uid).map_err(|_| anyhow!("uid {} does not fit in 32 bits", e.uid))?;
         let gid =
@@ -724,11 +760,11 @@ impl Applier {
                     xattrs.insert(name.clone(), value.clone());
                 }
                 // Like containerd, skip what the target filesystem cannot hold.
-                None => tracing::warn!(
-                    "{}: xattr {:?} cannot be stored in EROFS; skipped",
+                None => self.warn(format!(
+                    "entry {:?}: xattr {:?} cannot be stored in EROFS; skipped",
                     lossy(&e.path),
                     lossy(name)
-                ),
+                )),
             }
         }
         Ok(Metadata {

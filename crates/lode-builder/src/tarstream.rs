@@ -229,10 +229,23 @@ impl<R: Read> TarReader<R> {
         self.pos
     }
 
-    /// Reads and discards whatever follows the end-of-archive marker; returns the reader.
-    pub fn finish(mut self) -> io::Result<(R, u64)> {
-        let rest = io::copy(&mut self.inner, &mut io::sink())?;
-        Ok((self.inner, self.pos + rest))
+    /// Reads and discards whatever follows the end-of-archive marker (normally zero padding
+    /// to a record). Returns the reader, the stream's length and whether anything but zeros
+    /// followed the marker (e.g. a second archive appended to the first, which is ignored).
+    pub fn finish(mut self) -> io::Result<(R, u64, bool)> {
+        let mut buf = vec![0u8; 64 << 10];
+        let mut trailing_data = false;
+        loop {
+            let n = match self.inner.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            trailing_data |= buf[..n].iter().any(|&b| b != 0);
+            self.pos += n as u64;
+        }
+        Ok((self.inner, self.pos, trailing_data))
     }
 
     fn read_exact(&mut self, buf: &mut [u8]) -> Result<()> {

@@ -356,6 +356,7 @@ fn build(
             inline_max,
             threads,
             compression: Compression::None,
+            ..BuildOptions::default()
         },
         None,
     )

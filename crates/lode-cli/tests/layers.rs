@@ -848,7 +848,12 @@ fn ids_times_devices_xattrs_and_links_from_raw_headers() {
         .file(".wh.dup", b"")
         .write(&w.join("l2.tar"));
     let img = w.join("img");
-    build(&[&layer1, &layer2], &img, &[]);
+    let report = build(&[&layer1, &layer2], &img, &[]);
+    let warnings = report["layers"][0]["warnings"].to_string();
+    assert!(
+        warnings.contains("com.apple.quarantine") && warnings.contains("caps"),
+        "{report}"
+    );
     let mnt = w.join("mnt");
     let guard = mount_local(&img, &mnt);
     let md = |p: &str| fs::symlink_metadata(mnt.join(p)).unwrap();

@@ -188,6 +188,11 @@ pub fn print_report(
                 l.deduplicated_bytes as f64 / 1e6,
             );
         }
+        for (i, l) in report.layers.iter().enumerate() {
+            for w in &l.warnings {
+                eprintln!("warning: layer {} ({}): {w}", i + 1, l.name);
+            }
+        }
         if !report.dict_blobs.is_empty() {
             println!(
                 "{} blob(s) of the chunk dictionary are used and were placed in the output",

@@ -42,6 +42,7 @@ BASE_PACKAGES=(
   kmod            # modprobe
   debootstrap     # realistic root filesystems as test input
   squashfuse      # comparison baseline
+  squashfs-tools  # mksquashfs: the squashfuse baseline of bench/fuse.sh
   docker-registry # a local OCI registry (loopback only) for pull tests
   skopeo          # copy images between registry / oci layout / docker archive
   umoci           # unpack OCI images as the reference tree

@@ -417,7 +417,10 @@ impl Filesystem for LodeFs {
             }
             None => {
                 self.shared.add(Counter::CachedOpens, 1);
-                reply.opened(FileHandle(FH_CACHED), FopenFlags::FOPEN_KEEP_CACHE);
+                reply.opened(
+                    FileHandle(FH_CACHED),
+                    FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_NOFLUSH,
+                );
             }
         }
     }

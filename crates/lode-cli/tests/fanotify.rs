@@ -179,12 +179,24 @@ impl FanMount {
     }
 
     fn mount_at(image: &str, w: &Path, name: &str, cache: &str, extra: &[&str]) -> FanMount {
+        FanMount::mount_env(image, w, name, cache, extra, &[])
+    }
+
+    fn mount_env(
+        image: &str,
+        w: &Path,
+        name: &str,
+        cache: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> FanMount {
         let mnt = w.join(name);
         std::fs::create_dir_all(&mnt).unwrap();
         let run_dir = w.join("run");
         let out = run(lode()
             .env("LODE_RUN_DIR", &run_dir)
             .env("RUST_LOG", "info")
+            .envs(envs.iter().copied())
             .args(["mount", "--mode", "fanotify", "--plain-http", "--cache-dir"])
             .arg(w.join(cache))
             .args(extra)
@@ -338,6 +350,21 @@ impl Drop for FanMount {
     }
 }
 
+/// Inode numbers of the cache data files of the image built at `w/img`, cached in `w/cache`.
+fn blob_inodes(w: &Path) -> Vec<u64> {
+    let manifest: lode_format::manifest::ImageManifest =
+        serde_json::from_slice(&std::fs::read(w.join("img/image.json")).unwrap()).unwrap();
+    manifest
+        .blobs
+        .iter()
+        .map(|b| {
+            std::fs::metadata(w.join("cache/blobs").join(b.hex()))
+                .unwrap()
+                .ino()
+        })
+        .collect()
+}
+
 /// Inode numbers fanotify marks point at, over every fanotify fd of every process.
 fn fanotify_marked_inodes() -> Vec<u64> {
     let mut out = Vec::new();
@@ -394,6 +421,20 @@ fn lazy_mount_from_registry_then_clean_umount() {
     assert_eq!(s.open_requests, manifest.blobs.len() as u64);
     assert_eq!(s.chunks_present, 0);
     assert_eq!(s.event("events"), 0);
+    let blob_inodes: Vec<u64> = manifest
+        .blobs
+        .iter()
+        .map(|b| {
+            std::fs::metadata(w.join("cache/blobs").join(b.hex()))
+                .unwrap()
+                .ino()
+        })
+        .collect();
+    let marked = fanotify_marked_inodes();
+    assert!(
+        blob_inodes.iter().all(|i| marked.contains(i)),
+        "a blob is not marked"
+    );
 
     // One 3 MiB file of a ~15 MiB image.
     let t = Instant::now();
@@ -429,18 +470,12 @@ fn lazy_mount_from_registry_then_clean_umount() {
     assert!(bytes > 0 && wrong == 0 && errors == 0);
     assert!(m.log().contains("termination requested"));
 
-    let blob_inodes: Vec<u64> = manifest
-        .blobs
-        .iter()
-        .map(|b| {
-            std::fs::metadata(w.join("cache/blobs").join(b.hex()))
-                .unwrap()
-                .ino()
-        })
-        .collect();
-    assert!(fanotify_marked_inodes()
-        .iter()
-        .any(|i| blob_inodes.contains(i)));
+    // Everything was read: every blob is complete, its mark removed (reads raise no events).
+    let s = m.stats();
+    assert_eq!(s.chunks_present, s.chunks);
+    assert_eq!(s.blobs_unmarked, manifest.blobs.len() as u64);
+    let marked = fanotify_marked_inodes();
+    assert!(!marked.iter().any(|i| blob_inodes.contains(i)));
     m.umount();
     let marked = fanotify_marked_inodes();
     assert!(
@@ -513,7 +548,16 @@ fn worker_kill_9_loses_no_reader() {
         .proxy
         .handle()
         .set_latency(Duration::from_millis(150));
-    let m = FanMount::mount(&source.reference, w, &[]);
+    // Marks stay when blobs are complete, so the later rounds (after drop_caches) still go
+    // through events.
+    let m = FanMount::mount_env(
+        &source.reference,
+        w,
+        "mnt",
+        "cache",
+        &[],
+        &[("LODE_FANOTIFY_KEEP_MARKS", "1")],
+    );
     let files = Arc::new(regular_files(&src));
     let stop = Arc::new(AtomicBool::new(false));
     let wrong = Arc::new(AtomicU64::new(0));
@@ -645,7 +689,15 @@ fn registry_down_gives_eio_then_recovers() {
         s.fetch("errors")
     );
     assert!(s.event("denied_eio") > 0, "{s:#?}");
+    // Most of the image was never read: the marks are still there, until umount.
+    let blobs = blob_inodes(w);
+    assert!(s.chunks_present < s.chunks);
+    assert!(fanotify_marked_inodes().iter().any(|i| blobs.contains(i)));
     m.umount();
+    assert!(
+        !fanotify_marked_inodes().iter().any(|i| blobs.contains(i)),
+        "a fanotify mark on a blob survived umount"
+    );
 }
 
 /// Two mounts of one image share a cache: the second one's fds are opened while the first

@@ -61,6 +61,10 @@
 //! - else `BlobFetcher::ensure` (single flight, merging, verification, written to the
 //!   cache), then `FAN_ALLOW`; if the fetch fails, `FAN_DENY_ERRNO(EIO)` — never an allow of
 //!   unfilled data. Several misses of one `read(2)` batch are served concurrently.
+//! - once every chunk of a blob is in the cache, the worker removes the blob's mark
+//!   (`FAN_MARK_REMOVE`, spec §8.6): from then on the kernel reads it with no event at all,
+//!   at native speed (`LODE_FANOTIFY_KEEP_MARKS=1` keeps marks, to measure the event path).
+//! - the worker runs at nice -10: every reader's page-cache miss waits on it.
 //!
 //! # The journal protocol
 //!

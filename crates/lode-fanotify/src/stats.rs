@@ -28,6 +28,9 @@ pub struct Stats {
     pub blob_bytes: u64,
     pub chunks: u64,
     pub chunks_present: u64,
+    /// Blobs complete in the cache whose marks were removed (reads raise no events).
+    #[serde(default)]
+    pub blobs_unmarked: u64,
     /// Requests and bytes spent by `lode mount` opening the image (chunk tables).
     pub open_requests: u64,
     pub open_bytes: u64,

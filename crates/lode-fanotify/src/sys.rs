@@ -41,6 +41,30 @@ pub fn fanotify_mark(group: BorrowedFd<'_>, flags: u32, mask: u64, path: &Path) 
     Ok(())
 }
 
+/// `fanotify_mark(2)` on the object an fd refers to (`pathname` NULL: `dirfd` itself).
+pub fn fanotify_mark_fd(
+    group: BorrowedFd<'_>,
+    flags: u32,
+    mask: u64,
+    fd: BorrowedFd<'_>,
+) -> io::Result<()> {
+    // SAFETY: both fds are valid for the duration of the call; a NULL pathname is allowed
+    // and means "the object `fd` refers to".
+    let r = unsafe {
+        libc::fanotify_mark(
+            group.as_raw_fd(),
+            flags,
+            mask,
+            fd.as_raw_fd(),
+            std::ptr::null(),
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Writes one `struct fanotify_response`.
 pub fn respond(group: BorrowedFd<'_>, fd: RawFd, response: u32) -> io::Result<()> {
     let r = Response::new(fd, response);

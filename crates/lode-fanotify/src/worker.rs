@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,8 @@ pub struct WorkerArgs {
 }
 
 const EIO_DENY: u32 = fan_deny_errno(libc::EIO);
+/// The worker's nice value.
+const WORKER_NICE: i32 = -10;
 
 struct Served {
     spec: Spec,
@@ -48,6 +50,10 @@ struct Served {
     stats: Arc<FetchStats>,
     by_inode: HashMap<(u64, u64), usize>,
     prefetch: Mutex<String>,
+    /// Per blob: its mark was removed (the blob is complete in the cache).
+    unmarked: Vec<AtomicBool>,
+    /// `LODE_FANOTIFY_KEEP_MARKS=1`: never remove marks (to measure the event path).
+    keep_marks: bool,
 }
 
 /// What to do with one event.
@@ -85,6 +91,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
             journal.nslots()
         );
     }
+    // Readers of the mount wait on this process for every page-cache miss, like on a kernel
+    // I/O thread: do not let a busy machine's other work delay the answers (threads started
+    // below inherit this).
+    if let Err(e) = rustix::process::setpriority_process(None, WORKER_NICE) {
+        debug!("setpriority {WORKER_NICE}: {e}");
+    }
     let generation = journal.begin_generation(std::process::id());
     info!(generation, mountpoint = %spec.mountpoint.display(), "worker starting");
 
@@ -95,6 +107,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         f.cached().use_data_file(File::from(fd))?;
         by_inode.insert(key, i);
     }
+    let n_blobs = fetchers.len();
     let served = Arc::new(Served {
         prefetch: Mutex::new(if prefetching(&spec) { "running" } else { "off" }.into()),
         spec,
@@ -104,9 +117,14 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         fetchers,
         stats,
         by_inode,
+        unmarked: (0..n_blobs).map(|_| AtomicBool::new(false)).collect(),
+        keep_marks: std::env::var_os("LODE_FANOTIFY_KEEP_MARKS").is_some_and(|v| v == "1"),
     });
 
     served.settle();
+    for b in 0..served.fetchers.len() {
+        served.unmark_if_complete(b);
+    }
     served.journal.set_ready(generation);
     info!(generation, "worker ready");
 
@@ -250,6 +268,30 @@ impl Served {
         }
     }
 
+    /// Once every chunk of a blob is in the cache, its reads need no answer any more: remove
+    /// its mark, so the kernel reads it with no event at all (spec §8.6). Events queued
+    /// before are still answered (allowed: the blob is complete).
+    fn unmark_if_complete(&self, blob: usize) {
+        if self.keep_marks
+            || !self.fetchers[blob].cached().is_complete()
+            || self.unmarked[blob].swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let data = self.fetchers[blob].cached().data_file();
+        match sys::fanotify_mark_fd(
+            self.group.as_fd(),
+            abi::FAN_MARK_REMOVE | abi::FAN_MARK_INODE,
+            abi::FAN_PRE_ACCESS,
+            data.as_fd(),
+        ) {
+            Ok(()) => info!(blob, "blob complete in the cache: mark removed"),
+            // Removed by an earlier worker.
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(e) => warn!(blob, "removing the mark of a complete blob: {e}"),
+        }
+    }
+
     /// write response → set answered → close fd (this order is the protocol).
     fn answer(&self, slot: usize, i: usize, fd: OwnedFd, response: u32) {
         if let Err(e) = sys::respond(self.group.as_fd(), fd.as_raw_fd(), response) {
@@ -324,6 +366,9 @@ impl Served {
             let serve = |(i, fd, blob, start, len): (usize, OwnedFd, usize, u64, u64)| {
                 debug!(blob, start, len, pid = events[i].pid, "filling");
                 let r = self.fill(blob, start, len);
+                if r == FAN_ALLOW {
+                    self.unmark_if_complete(blob);
+                }
                 self.journal.count(
                     if r == FAN_ALLOW {
                         Counter::AllowedFilled
@@ -453,6 +498,11 @@ impl Served {
                 .iter()
                 .map(|f| f.cached().chunks_present.load(Ordering::Relaxed))
                 .sum(),
+            blobs_unmarked: self
+                .unmarked
+                .iter()
+                .filter(|u| u.load(Ordering::Relaxed))
+                .count() as u64,
             open_requests: self.spec.open_requests,
             open_bytes: self.spec.open_bytes,
             fetch: FETCH_COUNTERS
@@ -518,6 +568,9 @@ impl Served {
                         failed = Some(e.to_string());
                     }
                 }
+            }
+            for b in 0..self.fetchers.len() {
+                self.unmark_if_complete(b);
             }
             match failed {
                 None => {

@@ -33,7 +33,8 @@
 //!   open the cache entries (no network: the supervisor's spec pins the manifest), make
 //!   every fill go through the inherited non-notifying fd (CachedBlob::use_data_file),
 //!   settle the journal (below), mark itself ready, then N reader threads (one journal
-//!   slot each), a stats thread, and the optional whole-image prefetch.
+//!   slot each), a stats thread, and the background prefetch (the image's prefetch list,
+//!   then everything with `--prefetch-all`; foreground misses overtake it).
 //! ```
 //!
 //! Holding the group in a process that does almost nothing means a worker crash (panic,
@@ -142,7 +143,8 @@ pub struct Spec {
     pub state_paths: Vec<PathBuf>,
     /// Reader threads of a worker (journal slots).
     pub threads: usize,
-    /// Fetch the whole image in the background.
+    /// Fetch the whole image in the background (after the image's prefetch list, which is
+    /// always fetched).
     pub prefetch_all: bool,
     /// Bandwidth limit of the background prefetch, bytes/s (0: none).
     pub prefetch_rate: u64,

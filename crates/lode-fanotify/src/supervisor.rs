@@ -61,7 +61,8 @@ struct Running {
     /// Shared flocks on the state files: cache GC leaves the blobs alone.
     _locks: Vec<File>,
     worker: Option<Child>,
-    worker_started: Instant,
+    /// The current worker got ready (settled and serving).
+    worker_ready: bool,
     restart_at: Option<Instant>,
     backoff: Duration,
     /// `st_dev` of the EROFS superblock once mounted.
@@ -148,7 +149,7 @@ impl Running {
             data,
             _locks: locks,
             worker: None,
-            worker_started: Instant::now(),
+            worker_ready: false,
             restart_at: None,
             backoff: BACKOFF_MIN,
             dev: 0,
@@ -238,7 +239,7 @@ impl Running {
             .with_context(|| format!("starting the worker {program}"))?;
         info!(pid = child.id(), "worker started");
         self.worker = Some(child);
-        self.worker_started = Instant::now();
+        self.worker_ready = false;
         Ok(())
     }
 
@@ -318,23 +319,29 @@ impl Running {
         false
     }
 
-    /// Reaps a dead worker and starts the next one (with backoff when they die young).
+    /// Reaps a dead worker and starts the next one: at once if it had been serving (a
+    /// crash or `kill -9`: readers are waiting), with backoff (0.1 s doubling to 5 s) if it
+    /// died before it got ready (a start-up failure that would only repeat).
     fn keep_worker(&mut self) {
         if let Some(c) = self.worker.as_mut() {
             match c.try_wait() {
                 Ok(None) => {
-                    if self.worker_started.elapsed() > Duration::from_secs(10) {
+                    let g = self.journal.generation();
+                    if g > 0 && self.journal.ready_generation() == g {
+                        self.worker_ready = true;
                         self.backoff = BACKOFF_MIN;
                     }
                     return;
                 }
                 Ok(Some(st)) => {
-                    warn!(pid = c.id(), "worker exited ({st}); restarting");
+                    let g = self.journal.generation();
+                    let served =
+                        self.worker_ready || (g > 0 && self.journal.ready_generation() == g);
+                    warn!(pid = c.id(), served, "worker exited ({st}); restarting");
                     self.worker = None;
                     self.journal.add_restart();
-                    let young = self.worker_started.elapsed() < Duration::from_secs(2);
-                    let wait = if young { self.backoff } else { Duration::ZERO };
-                    if young {
+                    let wait = if served { Duration::ZERO } else { self.backoff };
+                    if !served {
                         self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
                     }
                     self.restart_at = Some(Instant::now() + wait);

@@ -102,16 +102,8 @@ pub struct LayerReport {
 /// Most warnings kept per layer (the rest are counted).
 const MAX_WARNINGS: usize = 20;
 
-/// Totals over all layers.
-#[derive(Debug, Clone, Default)]
-pub struct LayerStats {
-    pub files: u64,
-    pub inlined_files: u64,
-    /// Bytes of regular-file data (logical sizes, all layers).
-    pub input_bytes: u64,
-    /// Chunks that are holes (sparse regions, all-zero data).
-    pub hole_chunks: u64,
-}
+/// Data totals of an import (the same as a directory build's).
+pub use crate::pipeline::PipelineStats as LayerStats;
 
 pub struct Applied {
     pub tree: Tree,

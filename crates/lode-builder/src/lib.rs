@@ -87,6 +87,26 @@ pub struct BuildReport {
     pub elapsed: Duration,
 }
 
+impl BuildReport {
+    /// Takes in the totals of the data phase and the chunk store.
+    fn absorb(
+        &mut self,
+        dict_blobs: Vec<String>,
+        data: &pipeline::PipelineStats,
+        store: &store::StoreStats,
+    ) {
+        self.dict_blobs = dict_blobs;
+        self.files = data.files;
+        self.inlined_files = data.inlined_files;
+        self.input_bytes = data.input_bytes;
+        self.hole_chunks = data.hole_chunks;
+        self.chunks = store.chunks;
+        self.unique_chunks = store.unique_chunks;
+        self.deduplicated_bytes = store.deduplicated_bytes;
+        self.stored_bytes = store.stored_bytes;
+    }
+}
+
 /// Checks a chunk size and returns its log2.
 pub fn chunk_bits(chunk_size: u32) -> Result<u8> {
     if !chunk_size.is_power_of_two() || !(4096..=64 << 20).contains(&chunk_size) {
@@ -133,15 +153,7 @@ pub fn build_dir_with_dict(
     let blobs = store.finish()?;
     let (blobs, dict_blobs) = place_dict_blobs(&mut tree, blobs, &dict, &blobs_dir)?;
     let mut report = write_image(&tree, out, opts, &blobs)?;
-    report.dict_blobs = dict_blobs;
-    report.files = stats.files;
-    report.inlined_files = stats.inlined_files;
-    report.input_bytes = stats.input_bytes;
-    report.hole_chunks = stats.hole_chunks;
-    report.chunks = store_stats.chunks;
-    report.unique_chunks = store_stats.unique_chunks;
-    report.deduplicated_bytes = store_stats.deduplicated_bytes;
-    report.stored_bytes = store_stats.stored_bytes;
+    report.absorb(dict_blobs, &stats, &store_stats);
     report.elapsed = started.elapsed();
     Ok(report)
 }
@@ -235,15 +247,7 @@ pub fn build_layer_inputs(
     let blobs = store.finish()?;
     let (blobs, dict_blobs) = place_dict_blobs(&mut tree, blobs, &dict, &blobs_dir)?;
     let mut report = write_image(&tree, out, opts, &blobs)?;
-    report.dict_blobs = dict_blobs;
-    report.files = applied.stats.files;
-    report.inlined_files = applied.stats.inlined_files;
-    report.input_bytes = applied.stats.input_bytes;
-    report.hole_chunks = applied.stats.hole_chunks;
-    report.chunks = store_stats.chunks;
-    report.unique_chunks = store_stats.unique_chunks;
-    report.deduplicated_bytes = store_stats.deduplicated_bytes;
-    report.stored_bytes = store_stats.stored_bytes;
+    report.absorb(dict_blobs, &applied.stats, &store_stats);
     report.layers = applied.layers;
     report.elapsed = started.elapsed();
     Ok(report)

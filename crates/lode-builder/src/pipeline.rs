@@ -30,7 +30,9 @@ pub struct PipelineOptions {
 pub struct PipelineStats {
     pub files: u64,
     pub inlined_files: u64,
+    /// Bytes of regular-file data (logical sizes).
     pub input_bytes: u64,
+    /// Chunks that are holes (sparse regions, all-zero data).
     pub hole_chunks: u64,
 }
 

@@ -42,6 +42,9 @@ enum Command {
     Ls(cmd::ls::Args),
     /// Write a regular file's contents to stdout.
     Cat(cmd::cat::Args),
+    /// The cachefiles daemon behind `lode mount --mode fscache` (started by `lode mount`).
+    #[command(name = "__fscache-daemon", hide = true)]
+    FscacheDaemon(cmd::fscache_daemon::Args),
     /// Extract the whole tree with ownership, modes, xattrs, times, hard links and holes.
     Unpack(cmd::unpack::Args),
     /// Internal: the FUSE supervisor started by `lode mount --mode fuse`.
@@ -71,6 +74,7 @@ fn main() {
         Command::Inspect(args) => cmd::inspect::run(args),
         Command::Ls(args) => cmd::ls::run(args),
         Command::Cat(args) => cmd::cat::run(args),
+        Command::FscacheDaemon(args) => cmd::fscache_daemon::run(args),
         Command::Unpack(args) => cmd::unpack::run(args),
         Command::FuseSupervisor => lode_fuse::supervisor::main(),
         Command::FuseWorker => lode_fuse::worker::main(),

@@ -5,6 +5,7 @@ pub mod cache;
 pub mod cat;
 pub mod convert;
 pub mod fanotify;
+pub mod fscache_daemon;
 pub mod inspect;
 pub mod ls;
 pub mod mount;

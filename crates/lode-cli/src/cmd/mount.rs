@@ -16,6 +16,9 @@ pub enum Mode {
     /// URL or registry reference), passthrough once a file is local; a supervisor keeps the
     /// mount up across worker restarts.
     Fuse,
+    /// Kernel EROFS over cachefiles on-demand (`fsid=`): the kernel asks lode's shared
+    /// fscache daemon for each missing range; IMAGE may be a directory, URL or reference.
+    Fscache,
 }
 
 #[derive(clap::Args)]
@@ -58,6 +61,7 @@ pub fn run(args: Args) -> Result<()> {
             prefetch_rate: args.prefetch_rate,
         })?,
         Mode::Fuse => fuse_mount(&args)?,
+        Mode::Fscache => fscache_mount(&args)?,
     }
     Ok(())
 }
@@ -113,7 +117,13 @@ pub fn umount(args: UmountArgs) -> Result<()> {
     let mnt = runtime::canonical(&args.mountpoint)?;
     let record = runtime::load(&mnt);
     lode_mount::kernel::umount(&mnt)?;
-    if let Some(rec) = record {
+    if let Some(rec) = record.as_ref().filter(|r| r.mode == "fscache") {
+        // One daemon serves every fscache mount: tell it, it exits after its last one.
+        if let Err(e) = lode_cachefiles::client::unmounted(rec) {
+            eprintln!("lode: telling the fscache daemon: {e:#}");
+        }
+        runtime::remove(&mnt);
+    } else if let Some(rec) = record {
         if runtime::alive(rec.pid)
             && runtime::stop_process(rec.pid, std::time::Duration::from_secs(10))
         {
@@ -125,4 +135,29 @@ pub fn umount(args: UmountArgs) -> Result<()> {
         runtime::remove(&mnt);
     }
     Ok(())
+}
+
+fn fscache_mount(args: &Args) -> Result<()> {
+    let r = &args.registry;
+    let credentials = match &r.creds {
+        Some(c) => {
+            let (u, p) = c
+                .split_once(':')
+                .ok_or_else(|| anyhow::anyhow!("--creds must be USER:PASSWORD"))?;
+            Some((u.to_string(), p.to_string()))
+        }
+        None => None,
+    };
+    lode_cachefiles::client::mount(&lode_cachefiles::client::MountRequest {
+        image: args.image.to_string_lossy().into_owned(),
+        mountpoint: args.mountpoint.clone(),
+        cache_dir: args.cache_dir.clone(),
+        registry: lode_cachefiles::control::RegistryOpts {
+            plain_http: r.plain_http,
+            insecure_tls: r.insecure_tls,
+            credentials,
+            auth_file: r.auth_file.clone(),
+            retries: Some(r.retries),
+        },
+    })
 }

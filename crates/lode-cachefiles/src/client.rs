@@ -1,0 +1,269 @@
+//! What `lode mount --mode fscache` and `lode umount` do: find (or start) the daemon,
+//! register the image, mount it in fscache mode, record the mount.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{anyhow, bail, Context, Result};
+use lode_mount::runtime::{self, MountRecord};
+use rustix::mount::{
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
+    MountAttrFlags, MoveMountFlags,
+};
+
+use crate::control::{self, ImageSpec, RegistryOpts, Request, RunDir, TestHooks, DOMAIN};
+
+/// How long `lode mount` waits for a daemon it started to answer.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Opening an image may fetch its manifest, bootstrap and chunk tables.
+const ADD_TIMEOUT: Duration = Duration::from_secs(600);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `lode mount IMAGE MNT --mode fscache`.
+pub struct MountRequest {
+    /// IMAGE as given: an image directory, an http(s) URL or a registry reference.
+    pub image: String,
+    pub mountpoint: PathBuf,
+    pub cache_dir: PathBuf,
+    pub registry: RegistryOpts,
+}
+
+/// Mounts an image in fscache mode, starting the shared daemon if none runs.
+pub fn mount(req: &MountRequest) -> Result<()> {
+    let mnt = runtime::canonical(&req.mountpoint)?;
+    if !mnt.is_dir() {
+        bail!("mount point {} is not a directory", mnt.display());
+    }
+    std::fs::create_dir_all(&req.cache_dir)
+        .with_context(|| format!("creating {}", req.cache_dir.display()))?;
+    let cache_dir = std::fs::canonicalize(&req.cache_dir)?;
+    // The daemon has another working directory: pass local images as absolute paths.
+    let source = if Path::new(&req.image).is_dir() {
+        std::fs::canonicalize(&req.image)?
+            .to_string_lossy()
+            .into_owned()
+    } else {
+        req.image.clone()
+    };
+    let run = RunDir::from_env();
+    run.create()?;
+
+    // Held while finding the daemon and registering the image, so the daemon cannot decide
+    // it is idle and exit in between.
+    let lock = File::create(run.lock()).with_context(|| format!("{}", run.lock().display()))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .context("locking the fscache run directory")?;
+    let info = find_or_start(&run, &cache_dir)?;
+    let serving = PathBuf::from(info["cache_dir"].as_str().unwrap_or_default());
+    if serving != cache_dir {
+        bail!(
+            "the fscache daemon serves the cache in {}; only one cachefiles cache can exist per \
+             system, so mount with --cache-dir {} (or unmount its images first)",
+            serving.display(),
+            serving.display()
+        );
+    }
+    let supervisor = info["supervisor_pid"].as_u64().unwrap_or(0) as u32;
+    let spec = ImageSpec {
+        source,
+        registry: req.registry.clone(),
+        test: TestHooks::from_env(),
+    };
+    let added = control::call(&run.socket(), &Request::Add { spec }, ADD_TIMEOUT)
+        .with_context(|| format!("opening {}", req.image))?;
+    drop(lock);
+    let fsid = added["fsid"]
+        .as_str()
+        .context("no fsid in the reply")?
+        .to_string();
+
+    if let Err(e) = mount_fscache(&fsid, DOMAIN, &mnt) {
+        let _ = control::call(
+            &run.socket(),
+            &Request::Remove { fsid: fsid.clone() },
+            SHORT_TIMEOUT,
+        );
+        return Err(e.context(format!("mounting {} (fsid {fsid})", req.image)));
+    }
+    control::call(
+        &run.socket(),
+        &Request::Mounted {
+            fsid: fsid.clone(),
+            mountpoint: mnt.clone(),
+        },
+        SHORT_TIMEOUT,
+    )?;
+    runtime::save(&MountRecord {
+        mountpoint: mnt,
+        mode: "fscache".into(),
+        image: req.image.clone(),
+        pid: supervisor,
+        cache_dir,
+        control: Some(run.socket()),
+        started: SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+    })?;
+    Ok(())
+}
+
+/// Tells the daemon that served `rec` its mount is gone (`lode umount`, after unmounting).
+/// The daemon releases the image and exits after its last mount; it is never signalled, since
+/// other images may still be mounted through it.
+pub fn unmounted(rec: &MountRecord) -> Result<()> {
+    let socket = rec
+        .control
+        .clone()
+        .unwrap_or_else(|| RunDir::from_env().socket());
+    match control::call(
+        &socket,
+        &Request::Unmounted {
+            mountpoint: rec.mountpoint.clone(),
+        },
+        SHORT_TIMEOUT,
+    ) {
+        Ok(_) => Ok(()),
+        // Already gone (it exits by itself when its mounts disappear).
+        Err(_) if !socket.exists() => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// The daemon's status (`lode __fscache-daemon --status`).
+pub fn status() -> Result<serde_json::Value> {
+    control::call(
+        &RunDir::from_env().socket(),
+        &Request::Status,
+        SHORT_TIMEOUT,
+    )
+}
+
+fn find_or_start(run: &RunDir, cache_dir: &Path) -> Result<serde_json::Value> {
+    let mut last_err = anyhow!("could not reach the fscache daemon");
+    for _ in 0..3 {
+        // A daemon that is exiting closes the connection; then a new one is started (it
+        // waits for the old one to let go of /dev/cachefiles).
+        if run.socket().exists() {
+            if let Ok(v) = control::call(&run.socket(), &Request::Ping, SHORT_TIMEOUT) {
+                return Ok(v);
+            }
+        }
+        match start(run, cache_dir) {
+            Ok(v) => return Ok(v),
+            Err(e) => last_err = e,
+        }
+    }
+    Err(last_err)
+}
+
+/// Starts the supervisor detached (it calls setsid) and waits until its worker answers.
+fn start(run: &RunDir, cache_dir: &Path) -> Result<serde_json::Value> {
+    let log_path = run.log();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("opening {}", log_path.display()))?;
+    let log_start = log.metadata().map_or(0, |m| m.len());
+    let exe = std::env::current_exe().context("finding the lode executable")?;
+    let mut child = Command::new(exe)
+        .arg("__fscache-daemon")
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting the fscache daemon")?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the fscache daemon exited ({status}) while starting:\n{}",
+                log_tail(&log_path, log_start)
+            );
+        }
+        if run.socket().exists() {
+            if let Ok(v) = control::call(&run.socket(), &Request::Ping, SHORT_TIMEOUT) {
+                return Ok(v);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the fscache daemon did not answer within {START_TIMEOUT:?}:\n{}",
+                log_tail(&log_path, log_start)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn log_tail(path: &Path, from: u64) -> String {
+    let mut s = String::new();
+    if let Ok(mut f) = File::open(path) {
+        let _ = f.seek(SeekFrom::Start(from));
+        let _ = f.take(16 << 10).read_to_string(&mut s);
+    }
+    s.trim_end().to_string()
+}
+
+/// Mounts EROFS in fscache mode (`fsid=`, `domain_id=`) read-only at `target` through the
+/// new mount API. Blocks until the daemon has answered the OPENs and first READs, so it must
+/// never run on the thread serving `/dev/cachefiles` (here it is another process).
+pub fn mount_fscache(fsid: &str, domain: &str, target: &Path) -> Result<()> {
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| {
+        anyhow!("the kernel has no EROFS support (fsopen erofs: {e}); try `modprobe erofs`")
+    })?;
+    let step = |what: &str, r: rustix::io::Result<()>| -> Result<()> {
+        r.map_err(|e| anyhow!("{what}: {e}{}", kernel_log(&fs)))
+    };
+    step("source", fsconfig_set_string(fs.as_fd(), "source", "lode"))?;
+    step(
+        &format!("fsid={fsid}"),
+        fsconfig_set_string(fs.as_fd(), "fsid", fsid),
+    )?;
+    step(
+        &format!("domain_id={domain}"),
+        fsconfig_set_string(fs.as_fd(), "domain_id", domain),
+    )?;
+    step("mounting", fsconfig_create(fs.as_fd()))?;
+    let mnt = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| anyhow!("fsmount: {e}{}", kernel_log(&fs)))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .with_context(|| format!("attaching the mount at {}", target.display()))
+}
+
+/// Messages the kernel left in a filesystem context, as a suffix.
+fn kernel_log(fs: &OwnedFd) -> String {
+    let mut out = String::new();
+    let Ok(dup) = fs.try_clone() else {
+        return out;
+    };
+    let mut file = File::from(dup);
+    let mut buf = [0u8; 1024];
+    for _ in 0..16 {
+        match file.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                out.push_str(" [kernel: ");
+                out.push_str(String::from_utf8_lossy(&buf[..n]).trim());
+                out.push(']');
+            }
+            _ => break,
+        }
+    }
+    out
+}

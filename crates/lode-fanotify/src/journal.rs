@@ -7,7 +7,7 @@
 //! 0      header (4096): magic, slot count, worker generation, ready generation, worker pid,
 //!        worker restarts, EROFS device, cumulative event counters, fetch counters (previous workers /
 //!        current worker)
-//! 4096   slot 0 (8192): buf[4096]   the read(2) target of one reader thread
+//! 4096   slot 0 (8192): buf[4096]   the read(2) target of the reader thread leasing it
 //!                       state[170]  u32 per event of buf, in order: bit 0 answered,
 //!                                   bits 8.. blob index + 1 (0: not yet known)
 //! ...    slot 1, 2, … nslots-1
@@ -30,7 +30,7 @@ pub const SLOT_BUF: usize = 4096;
 /// Most events one slot can hold (metadata-only events of 24 bytes).
 pub const SLOT_EVENTS: usize = SLOT_BUF / METADATA_LEN;
 const SLOT_SIZE: usize = 8192;
-/// Most reader threads (slots) a journal has.
+/// Most slots a journal has.
 pub const MAX_SLOTS: usize = 256;
 
 const OFF_MAGIC: usize = 0;
@@ -107,7 +107,8 @@ pub struct Journal {
 }
 
 // SAFETY: the mapping is only accessed through atomics (header, event states) and through
-// slot buffers that exactly one thread (the slot's reader) uses at a time, by raw pointers.
+// slot buffers that exactly one thread (the slot's leaseholder) uses at a time, by raw
+// pointers.
 unsafe impl Send for Journal {}
 // SAFETY: as above.
 unsafe impl Sync for Journal {}

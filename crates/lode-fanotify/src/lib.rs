@@ -32,9 +32,10 @@
 //!                          the journal, the non-notifying blob fds)
 //!   open the cache entries (no network: the supervisor's spec pins the manifest), make
 //!   every fill go through the inherited non-notifying fd (CachedBlob::use_data_file),
-//!   settle the journal (below), mark itself ready, then N reader threads (one journal
-//!   slot each), a stats thread, and the background prefetch (the image's prefetch list,
-//!   then everything with `--prefetch-all`; foreground misses overtake it).
+//!   settle the journal (below), mark itself ready, then 2 reader threads (answer cached
+//!   ranges, start a fill thread per miss), a stats thread, and the background prefetch
+//!   (the image's prefetch list, then everything with `--prefetch-all`; foreground misses
+//!   overtake it).
 //! ```
 //!
 //! Holding the group in a process that does almost nothing means a worker crash (panic,
@@ -70,18 +71,20 @@
 //! # The journal protocol
 //!
 //! The journal is a memfd owned by the supervisor: a header (generation, ready flag,
-//! counters) and one *slot* per reader thread, each a 4 KiB event buffer plus one state word
-//! per event in it (answered bit, blob index). A reader thread, for its slot:
+//! counters) and 64 *slots*, each a 4 KiB event buffer plus one state word per event in it
+//! (answered bit, blob index). A reader thread leases a free slot (one whose events are all
+//! answered, their fds closed), and:
 //!
 //! 1. zeroes the buffer, **then** clears the state words (a crash in between leaves an empty
 //!    buffer, so no event without its flag);
 //! 2. `read(2)`s the group **directly into the buffer** in shared memory: when `read`
 //!    returns, the events and their fd numbers are journaled (a kill at any later point
 //!    leaves them there; a zeroed header ends the slot's event list);
-//! 3. per event: records the blob index, fills if needed, then in this order: **write the
-//!    response → set the answered bit → close the event fd**. An event whose bit is clear
-//!    therefore still had its fd open when the worker died, so no later event of that
-//!    worker can have been given the same fd number.
+//! 3. per event (cached ranges on the reader thread, misses each on a fill thread): records
+//!    the blob index, fills if needed, then in this order: **write the response → set the
+//!    answered bit → close the event fd**. An event whose bit is clear therefore still had
+//!    its fd open when the worker died, so no later event of that worker can have been given
+//!    the same fd number. The slot is free again when its last event is answered.
 //!
 //! A worker starting up (the successor), before its first `read(2)`:
 //!
@@ -121,6 +124,8 @@ use serde::{Deserialize, Serialize};
 
 /// fd numbers a worker may use (its `RLIMIT_NOFILE`), and so the stale-number sweep range.
 pub const WORKER_NOFILE: u64 = 65536;
+/// Journal slots: batches of events read and not yet fully answered, at most.
+pub const JOURNAL_SLOTS: usize = 64;
 
 /// Everything the supervisor and its workers need to serve one mount, written by
 /// `lode mount` (JSON, mode 0600, `<run dir>/<mount key>.spec`).
@@ -141,7 +146,8 @@ pub struct Spec {
     /// its state file.
     pub data_paths: Vec<PathBuf>,
     pub state_paths: Vec<PathBuf>,
-    /// Reader threads of a worker (journal slots).
+    /// Reader threads of a worker (each blocked in `read(2)` of the group; fills run on
+    /// threads of their own).
     pub threads: usize,
     /// Fetch the whole image in the background (after the image's prefetch list, which is
     /// always fetched).

@@ -140,7 +140,7 @@ impl Running {
                 anyhow!("fanotify_mark FAN_PRE_ACCESS {}: {e}{hint}", p.display())
             })?;
         }
-        let journal = Journal::create(spec.threads.max(1))?;
+        let journal = Journal::create(crate::JOURNAL_SLOTS.max(spec.threads))?;
         let mut r = Running {
             spec,
             spec_path: spec_path.to_path_buf(),

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
@@ -54,6 +54,20 @@ struct Served {
     unmarked: Vec<AtomicBool>,
     /// `LODE_FANOTIFY_KEEP_MARKS=1`: never remove marks (to measure the event path).
     keep_marks: bool,
+    /// Journal slots not holding unanswered events.
+    free_slots: Mutex<Vec<usize>>,
+    slot_freed: Condvar,
+}
+
+/// An event whose range must be fetched first.
+struct Miss {
+    slot: usize,
+    i: usize,
+    fd: OwnedFd,
+    blob: usize,
+    start: u64,
+    len: u64,
+    pid: i32,
 }
 
 /// What to do with one event.
@@ -108,6 +122,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         by_inode.insert(key, i);
     }
     let n_blobs = fetchers.len();
+    let nslots = journal.nslots();
     let served = Arc::new(Served {
         prefetch: Mutex::new(if prefetching(&spec) { "running" } else { "off" }.into()),
         spec,
@@ -119,6 +134,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         by_inode,
         unmarked: (0..n_blobs).map(|_| AtomicBool::new(false)).collect(),
         keep_marks: std::env::var_os("LODE_FANOTIFY_KEEP_MARKS").is_some_and(|v| v == "1"),
+        free_slots: Mutex::new((0..nslots).rev().collect()),
+        slot_freed: Condvar::new(),
     });
 
     served.settle();
@@ -129,12 +146,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
     info!(generation, "worker ready");
 
     let mut threads = Vec::new();
-    for slot in 0..served.spec.threads {
+    for r in 0..served.spec.threads {
         let s = served.clone();
         threads.push(
             std::thread::Builder::new()
-                .name(format!("fan-reader-{slot}"))
-                .spawn(move || s.serve_slot(slot))?,
+                .name(format!("fan-reader-{r}"))
+                .spawn(move || s.read_loop())?,
         );
     }
     {
@@ -315,17 +332,37 @@ impl Served {
         }
     }
 
-    fn serve_slot(&self, slot: usize) {
+    fn take_slot(&self) -> usize {
+        let mut free = self.free_slots.lock().expect("slot lock");
         loop {
-            self.journal.clear_slot(slot);
-            let n = match self.journal.read_into_slot(slot, self.group.as_fd()) {
-                Ok(n) => n,
-                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) => {
-                    // EMFILE: the kernel denied that event already (EPERM to the reader).
-                    error!(slot, "reading the fanotify group: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    continue;
+            if let Some(s) = free.pop() {
+                return s;
+            }
+            free = self.slot_freed.wait(free).expect("slot lock");
+        }
+    }
+
+    fn release_slot(&self, slot: usize) {
+        self.free_slots.lock().expect("slot lock").push(slot);
+        self.slot_freed.notify_one();
+    }
+
+    /// A reader thread: leases a free journal slot, reads a batch of events into it,
+    /// answers the cached ones at once and hands each miss to a fill thread; the slot is
+    /// free again once every event in it is answered (only then may it be cleared).
+    fn read_loop(self: &Arc<Self>) {
+        loop {
+            let slot = self.take_slot();
+            let n = loop {
+                self.journal.clear_slot(slot);
+                match self.journal.read_into_slot(slot, self.group.as_fd()) {
+                    Ok(n) => break n,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => {
+                        // EMFILE: the kernel denied that event already (EPERM to the reader).
+                        error!(slot, "reading the fanotify group: {e}");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             };
             let bytes = self.journal.slot_bytes(slot, n);
@@ -359,35 +396,59 @@ impl Served {
                     }
                     Decision::Fill { blob, start, len } => {
                         self.journal.set_blob(slot, i, blob);
-                        misses.push((i, fd, blob, start, len));
+                        misses.push(Miss {
+                            slot,
+                            i,
+                            fd,
+                            blob,
+                            start,
+                            len,
+                            pid: ev.pid,
+                        });
                     }
                 }
             }
-            let serve = |(i, fd, blob, start, len): (usize, OwnedFd, usize, u64, u64)| {
-                debug!(blob, start, len, pid = events[i].pid, "filling");
-                let r = self.fill(blob, start, len);
-                if r == FAN_ALLOW {
-                    self.unmark_if_complete(blob);
+            if misses.is_empty() {
+                self.release_slot(slot);
+                continue;
+            }
+            let left = Arc::new(AtomicUsize::new(misses.len()));
+            for m in misses {
+                let job = Arc::new(Mutex::new(Some(m)));
+                let (s, j, left2) = (self.clone(), job.clone(), left.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("fan-fill".into())
+                    .spawn(move || s.fill_job(&j, &left2));
+                if let Err(e) = spawned {
+                    // No thread to be had: serve it here (the job is still in `job`).
+                    warn!("starting a fill thread: {e}; filling inline");
+                    self.fill_job(&job, &left);
                 }
-                self.journal.count(
-                    if r == FAN_ALLOW {
-                        Counter::AllowedFilled
-                    } else {
-                        Counter::Denied
-                    },
-                    1,
-                );
-                self.answer(slot, i, fd, r);
-            };
-            if misses.len() <= 1 {
-                misses.into_iter().for_each(serve);
+            }
+        }
+    }
+
+    /// Fills one miss and answers it; the last of its batch frees the slot.
+    fn fill_job(&self, job: &Mutex<Option<Miss>>, left: &AtomicUsize) {
+        let Some(m) = job.lock().expect("job lock").take() else {
+            return;
+        };
+        debug!(m.blob, m.start, m.len, pid = m.pid, "filling");
+        let r = self.fill(m.blob, m.start, m.len);
+        if r == FAN_ALLOW {
+            self.unmark_if_complete(m.blob);
+        }
+        self.journal.count(
+            if r == FAN_ALLOW {
+                Counter::AllowedFilled
             } else {
-                std::thread::scope(|sc| {
-                    for m in misses {
-                        sc.spawn(move || serve(m));
-                    }
-                });
-            }
+                Counter::Denied
+            },
+            1,
+        );
+        self.answer(m.slot, m.i, m.fd, r);
+        if left.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.release_slot(m.slot);
         }
     }
 

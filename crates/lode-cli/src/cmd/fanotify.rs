@@ -12,8 +12,10 @@ use lode_storage::image::{open_image, ImageSource, SourceOptions};
 
 use super::registry::RegistryArgs;
 
-/// Reader threads of a worker (each one journal slot).
-const READER_THREADS: usize = 8;
+/// Reader threads of a worker. Every thread blocked in `read(2)` of the group is woken for
+/// every event (the kernel's wait is not exclusive), so few: misses are filled on threads of
+/// their own, readers only answer cached ranges.
+const READER_THREADS: usize = 2;
 
 fn client_options(r: &RegistryArgs) -> Result<ClientOptions> {
     let credentials = match &r.creds {

@@ -60,8 +60,22 @@ pub struct MountConfig {
     pub registry: RegistryOptions,
     /// Use FUSE passthrough for files whose data is local.
     pub passthrough: bool,
+    /// Only files of at least this size get passthrough; smaller ones are read through lode
+    /// (and then kept in the FUSE page cache).
+    #[serde(default = "default_passthrough_min_size")]
+    pub passthrough_min_size: u64,
     /// Request-serving threads per worker.
     pub threads: usize,
+}
+
+/// Passthrough pays off for big files (no copy through lode, no READ round trips); a small
+/// file is one READ, its data lies next to its neighbours' in the blob (readahead reads
+/// them together, where separate backing files cost a disk read each), and its backing file
+/// would cost an inode and at least a block.
+pub const DEFAULT_PASSTHROUGH_MIN_SIZE: u64 = 64 << 10;
+
+fn default_passthrough_min_size() -> u64 {
+    DEFAULT_PASSTHROUGH_MIN_SIZE
 }
 
 /// Everything a worker needs; nothing in it requires the network, so a worker restarted

@@ -68,6 +68,8 @@ mod op {
 pub struct FsOptions {
     /// Use passthrough when the connection negotiated it.
     pub passthrough: bool,
+    /// Smallest file that gets passthrough.
+    pub passthrough_min_size: u64,
 }
 
 pub struct LodeFs {
@@ -78,6 +80,7 @@ pub struct LodeFs {
     /// The /dev/fuse connection, for BACKING_OPEN.
     fuse_fd: OwnedFd,
     passthrough: AtomicBool,
+    passthrough_min_size: u64,
     stripes: Vec<Mutex<()>>,
     /// Open directory handles: fh → (nid, entries).
     dirs: Mutex<HashMap<u64, DirHandle>>,
@@ -159,6 +162,7 @@ impl LodeFs {
             materializer,
             fuse_fd,
             passthrough: AtomicBool::new(opts.passthrough),
+            passthrough_min_size: opts.passthrough_min_size.max(1),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dirs: Mutex::new(HashMap::new()),
             // Distinct from the handles of earlier workers (which the kernel may still use).
@@ -253,7 +257,8 @@ impl LodeFs {
     fn open_decision(&self, inode: &Inode) -> Option<u32> {
         let nid = inode.nid;
         let stripe = &self.stripes[(nid as usize) % STRIPES];
-        let eligible = self.passthrough_on() && inode.is_regular() && inode.size > 0;
+        let eligible =
+            self.passthrough_on() && inode.is_regular() && inode.size >= self.passthrough_min_size;
         {
             let _g = stripe.lock().expect("stripe");
             let id = self.shared.backing_id(nid);

@@ -47,8 +47,8 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Points stdin (and stdout if `stdout`) at /dev/null.
-pub(crate) fn detach_stdio(stdout: bool) {
+/// Points stdin and stdout at /dev/null (stdout was a readiness pipe; stderr is the log).
+pub(crate) fn detach_stdio() {
     if let Ok(null) = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -58,9 +58,7 @@ pub(crate) fn detach_stdio(stdout: bool) {
         // SAFETY: dup2 onto the standard descriptors.
         unsafe {
             libc::dup2(null.as_raw_fd(), 0);
-            if stdout {
-                libc::dup2(null.as_raw_fd(), 1);
-            }
+            libc::dup2(null.as_raw_fd(), 1);
         }
     }
 }

@@ -64,7 +64,7 @@ pub fn main() -> Result<()> {
     };
     println!("READY {}", std::process::id());
     let _ = std::io::stdout().flush();
-    crate::detach_stdio(true);
+    crate::detach_stdio();
     sup.run(first)
 }
 

@@ -87,7 +87,8 @@ pub fn main() -> Result<()> {
         writeln!(out, "READY")?;
         out.flush()?;
     }
-    crate::detach_stdio(false);
+    // stdout was the supervisor's readiness pipe; nothing is printed after READY.
+    crate::detach_stdio();
     let result = session.run();
     cache.flush();
     match result {
@@ -149,6 +150,7 @@ fn open_fs(
         fuse_fd,
         FsOptions {
             passthrough: cfg.passthrough,
+            passthrough_min_size: cfg.mount.passthrough_min_size,
         },
     );
     Ok((fs, cache))

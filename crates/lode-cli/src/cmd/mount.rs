@@ -47,6 +47,10 @@ pub struct Args {
     /// FUSE mode: request-serving threads.
     #[arg(long, default_value_t = 8)]
     pub threads: usize,
+    /// FUSE mode: smallest file given passthrough (suffixes K, M, G); smaller files are
+    /// read through lode and kept in the page cache.
+    #[arg(long, value_parser = super::build::parse_bytes, default_value = "64K")]
+    pub passthrough_min_size: u64,
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -93,6 +97,7 @@ fn fuse_mount(args: &Args) -> Result<()> {
             retries: r.retries,
         },
         passthrough: !args.no_passthrough,
+        passthrough_min_size: args.passthrough_min_size,
         threads: args.threads,
     })?;
     eprintln!(

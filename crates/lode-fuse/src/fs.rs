@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::fd::OwnedFd;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -40,8 +40,8 @@ pub const TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 const FH_CACHED: u64 = 1;
 const FH_PASSTHROUGH: u64 = 2;
 const STRIPES: usize = 256;
-
-type DirHandle = (u64, Arc<Vec<DirEntry>>);
+/// Parsed directories kept at most (the kernel caches listings itself: FOPEN_CACHE_DIR).
+const DIR_CACHE: usize = 1024;
 
 mod op {
     pub const LOOKUP: u32 = 1;
@@ -82,9 +82,8 @@ pub struct LodeFs {
     passthrough: AtomicBool,
     passthrough_min_size: u64,
     stripes: Vec<Mutex<()>>,
-    /// Open directory handles: fh → (nid, entries).
-    dirs: Mutex<HashMap<u64, DirHandle>>,
-    next_fh: AtomicU64,
+    /// Parsed directories (nid → entries) between the READDIRs of one listing; bounded.
+    dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
     statfs: (u64, u64),
 }
 
@@ -154,7 +153,6 @@ impl LodeFs {
         let blocks = image.superblock().blocks as u64
             + image.devices().iter().map(|d| d.blocks as u64).sum::<u64>();
         let inos = image.superblock().inos;
-        let pid = std::process::id() as u64;
         LodeFs {
             image,
             root_nid,
@@ -165,8 +163,6 @@ impl LodeFs {
             passthrough_min_size: opts.passthrough_min_size.max(1),
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dirs: Mutex::new(HashMap::new()),
-            // Distinct from the handles of earlier workers (which the kernel may still use).
-            next_fh: AtomicU64::new(pid << 32),
             statfs: (blocks * bs / 4096, inos),
         }
     }
@@ -219,23 +215,21 @@ impl LodeFs {
         }
     }
 
-    fn dir_entries(&self, ino: INodeNo, fh: u64) -> Result<Arc<Vec<DirEntry>>, Errno> {
+    fn dir_entries(&self, ino: INodeNo) -> Result<Arc<Vec<DirEntry>>, Errno> {
         let nid = self.nid(ino);
-        if let Some((owner, entries)) = self.dirs.lock().expect("dirs").get(&fh) {
-            if *owner == nid {
-                return Ok(entries.clone());
-            }
+        if let Some(entries) = self.dirs.lock().expect("dirs").get(&nid) {
+            return Ok(entries.clone());
         }
-        // A handle from an earlier worker (or none): read the directory again.
         let dir = self.inode(ino)?;
         let entries = Arc::new(self.image.read_dir(&dir).map_err(|e| {
             tracing::warn!("readdir of nid {nid}: {e}");
             errno_of(&e)
         })?);
-        self.dirs
-            .lock()
-            .expect("dirs")
-            .insert(fh, (nid, entries.clone()));
+        let mut dirs = self.dirs.lock().expect("dirs");
+        if dirs.len() >= DIR_CACHE {
+            dirs.clear();
+        }
+        dirs.insert(nid, entries.clone());
         Ok(entries)
     }
 
@@ -498,28 +492,23 @@ impl Filesystem for LodeFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         self.shared.op(op::OPENDIR);
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        match self.dir_entries(ino, fh) {
-            Ok(_) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(e),
-        }
+        // ENOSYS turns on zero-message opendir for the connection: no OPENDIR/RELEASEDIR
+        // round trips, and the kernel then caches listings (FOPEN_KEEP_CACHE|CACHE_DIR).
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
         self.shared.op(op::READDIR);
-        let entries = match self.dir_entries(ino, fh.0) {
+        let entries = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
@@ -540,12 +529,12 @@ impl Filesystem for LodeFs {
         &self,
         _req: &Request,
         ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
         self.shared.op(op::READDIRPLUS);
-        let entries = match self.dir_entries(ino, fh.0) {
+        let entries = match self.dir_entries(ino) {
             Ok(e) => e,
             Err(e) => return reply.error(e),
         };
@@ -575,12 +564,12 @@ impl Filesystem for LodeFs {
         &self,
         _req: &Request,
         _ino: INodeNo,
-        fh: FileHandle,
+        _fh: FileHandle,
         _flags: OpenFlags,
         reply: ReplyEmpty,
     ) {
+        // Only sent before the first OPENDIR was refused (zero-message opendir after).
         self.shared.op(op::RELEASEDIR);
-        self.dirs.lock().expect("dirs").remove(&fh.0);
         reply.ok();
     }
 

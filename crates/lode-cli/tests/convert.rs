@@ -76,18 +76,13 @@ fn convert_two_layer_image_then_mount_matches_merged_rootfs() {
         .arg(&expected));
 
     let layout = w.join("layout");
-    write_layout(
-        &layout,
-        "1",
-        &[w.join("l1.tar.gz"), w.join("l2.tar.gz")],
-    );
+    write_layout(&layout, "1", &[w.join("l1.tar.gz"), w.join("l2.tar.gz")]);
     let registry = TestRegistry::start();
     let src = format!("{}/src/app:1", registry.addr());
     let dst = format!("{}/lode/app:1", registry.addr());
     skopeo_push(&layout, "1", &src);
 
-    let out = run_stdout(lode()
-        .args(["convert", "--plain-http", &src, &dst]));
+    let out = run_stdout(lode().args(["convert", "--plain-http", &src, &dst]));
     assert!(out.contains("converted"), "{out}");
     run(lode()
         .args(["pull", "--all", "--plain-http", &dst])

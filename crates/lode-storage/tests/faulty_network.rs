@@ -78,7 +78,10 @@ fn no_bad_byte_under_network_faults() {
         f.ensure(off, len).unwrap();
         let mut got = vec![0u8; len as usize];
         f.cached().read_at(&mut got, off).unwrap();
-        assert!(got == reference[off as usize..(off + len) as usize], "chunk {i} differs");
+        assert!(
+            got == reference[off as usize..(off + len) as usize],
+            "chunk {i} differs"
+        );
     }
     let s = f.stats.snapshot();
     assert!(s.retries >= n as u64, "{s:?}");

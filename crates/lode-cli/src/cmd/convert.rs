@@ -48,7 +48,9 @@ impl Read for LazyLayer {
             let r = self
                 .image
                 .open_layer(&self.client, &self.layer)
-                .map_err(|e| std::io::Error::other(format!("layer {}: {e:#}", self.layer.digest)))?;
+                .map_err(|e| {
+                    std::io::Error::other(format!("layer {}: {e:#}", self.layer.digest))
+                })?;
             self.reader = Some(Box::new(r));
         }
         self.reader.as_mut().expect("opened").read(buf)

@@ -63,8 +63,8 @@ pub fn digest_hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
 }
 
-pub mod local;
 pub mod http;
+pub mod local;
 pub mod mirror;
 pub mod registry;
 pub mod s3;

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # FUSE mode vs native ext4 and squashfuse on the same tree (needs root).
 #
-#   bench/fuse.sh [TREE] [RUNS] [--record]     (default: /usr/share, 3 runs)
+#   bench/fuse.sh [TREE] [RUNS] [--record]     (default: /usr/share, 5 runs)
 #
 # 1. Copy TREE to /var/tmp, `lode build` it; mount it with `--mode fuse` from the image
 #    directory and read everything twice, so every chunk is in the lode cache and (with
@@ -24,7 +24,7 @@ for a in "$@"; do
   if [ "$a" = --record ]; then record=1; else args+=("$a"); fi
 done
 tree=${args[0]:-/usr/share}
-runs=${args[1]:-3}
+runs=${args[1]:-5}
 [ "$(id -u)" = 0 ] || { echo "bench/fuse.sh needs root (mounts)" >&2; exit 1; }
 for t in mksquashfs squashfuse mkfs.ext4; do
   command -v $t >/dev/null || { echo "bench/fuse.sh: $t missing (scripts/setup.sh installs it)" >&2; exit 1; }
@@ -87,12 +87,14 @@ EOF
 }
 pt0=$(stats "$work/m-pt")
 reads0=$(echo "$pt0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"].get("read",0))')
+served0=$(echo "$pt0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_served"])')
 mat_files=$(echo "$pt0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["materialized_files"])')
 mat_disk=$(echo "$pt0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["materialized_disk_bytes"])')
 reflinked=$(echo "$pt0" | python3 -c 'import json,sys; print(json.load(sys.stdin)["reflinked_files"])')
 cache_blob_disk=$(du -sB1 "$work/cache/blobs" | cut -f1)
 files_disk=$(du -sB1 "$work/cache/files" | cut -f1)
 
+load0=$(cut -d' ' -f1-3 /proc/loadavg)
 declare -A cold hot
 names=(native pt nopt sq)
 for n in "${names[@]}"; do cold[$n]=""; hot[$n]=""; done
@@ -106,8 +108,10 @@ for r in $(seq 1 "$runs"); do
   done
   echo "run $r/$runs done" >&2
 done
+load1=$(cut -d' ' -f1-3 /proc/loadavg)
 pt1=$(stats "$work/m-pt")
 reads1=$(echo "$pt1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["requests"].get("read",0))')
+served1=$(echo "$pt1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["bytes_served"])')
 
 med() { echo "$1" | tr ' ' '\n' | grep -v '^$' | median; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
@@ -115,7 +119,7 @@ verdict() { if [ "$(echo "$1 >= $2" | bc)" = 1 ]; then echo MET; else echo MISSE
 tn_c=$(med "${cold[native]}"); tn_h=$(med "${hot[native]}")
 out=$(mktemp)
 {
-  echo "Tree: \`$tree\` copy, $files files, $(echo "scale=1; $bytes/1000000" | bc) MB; $runs runs, median; $(nproc) cores, kernel $(uname -r)."
+  echo "Tree: \`$tree\` copy, $files files, $(echo "scale=1; $bytes/1000000" | bc) MB; $runs runs, median; $(nproc) cores, kernel $(uname -r); load average $load0 before, $load1 after."
   echo
   echo "| reading all data (4 readers) | page cache dropped: s | ratio vs native | target | | page cache hot: s | ratio vs native |"
   echo "|---|---:|---:|---:|---|---:|---:|"
@@ -131,7 +135,7 @@ out=$(mktemp)
     echo "| $label | $c | $rc | $tgt | $v | $h | $rh |"
   done
   echo
-  echo "Passthrough mount: FUSE READ requests during the $((runs * 2)) measured passes: $((reads1 - reads0)) (before: $reads0, from warming)."
+  echo "Passthrough mount, $((runs * 2)) measured passes: $((reads1 - reads0)) FUSE READ requests, $(echo "scale=1; ($served1 - $served0)/1000000" | bc) MB served by lode out of $(echo "scale=1; $runs * 2 * $bytes/1000000" | bc) MB read (files under 64 KiB are read through lode; the rest through passthrough, unless already in the page cache)."
   echo "Backing files: $mat_files files, $(echo "scale=1; $mat_disk/1000000" | bc) MB allocated ($reflinked reflinked);"
   echo "\`cache/files\` $(echo "scale=1; $files_disk/1000000" | bc) MB on disk next to \`cache/blobs\` $(echo "scale=1; $cache_blob_disk/1000000" | bc) MB (the cache filesystem, $(df --output=fstype "$work" | tail -1), does not reflink)."
 } >"$out"

@@ -657,3 +657,111 @@ fn stacked_cache_falls_back_to_reads_and_says_so_once() {
     assert!(log.contains("stacked filesystem"), "{log}");
     m.umount();
 }
+
+/// A minimal HTTP/1.1 server for an image directory (Range reads); reads below `blobs/`
+/// first wait `delay` milliseconds.
+fn slow_http_server(root: PathBuf, delay: Arc<AtomicU64>) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { continue };
+            let (root, delay) = (root.clone(), delay.clone());
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut line = String::new();
+                if reader.read_line(&mut line).is_err() {
+                    return;
+                }
+                let path = line.split(' ').nth(1).unwrap_or("/").to_string();
+                let mut range = None;
+                loop {
+                    let mut h = String::new();
+                    if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                        let (a, b) = v.trim().split_once('-').unwrap();
+                        range = Some((a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()));
+                    }
+                }
+                if path.starts_with("/blobs/") {
+                    std::thread::sleep(Duration::from_millis(delay.load(Ordering::Relaxed)));
+                }
+                let mut out = conn;
+                let Ok(data) = std::fs::read(root.join(path.trim_start_matches('/'))) else {
+                    let _ = out.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                };
+                let total = data.len() as u64;
+                let (head, body) = match range {
+                    Some((a, b)) => {
+                        let b = b.min(total - 1);
+                        (
+                            format!(
+                                "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {a}-{b}/{total}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                                b + 1 - a
+                            ),
+                            &data[a as usize..=b as usize],
+                        )
+                    }
+                    None => (
+                        format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {total}\r\nConnection: close\r\n\r\n"
+                        ),
+                        &data[..],
+                    ),
+                };
+                let _ = out.write_all(head.as_bytes());
+                let _ = out.write_all(body);
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// A READ that is in the worker (waiting for a slow fetch) when the worker is killed is
+/// answered by the next worker: FUSE_NOTIFY_RESEND hands it over; the reader only waits.
+#[test]
+fn read_in_flight_in_a_killed_worker_is_answered_by_the_next() {
+    let work = Work::new();
+    let src = work.path("src");
+    std::fs::create_dir(&src).unwrap();
+    let data: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    std::fs::write(src.join("f"), &data).unwrap();
+    let img = build(&work, &src);
+    let delay = Arc::new(AtomicU64::new(0));
+    let url = slow_http_server(img.clone(), delay.clone());
+    let mut m = FuseMount::mount(&work, &url, &["--no-passthrough"]);
+    delay.store(2000, Ordering::Relaxed);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let path = m.mnt.join("f");
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(path));
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        rx.try_recv().is_err(),
+        "the read should still wait for the fetch"
+    );
+    let w = m.worker_pid();
+    kill9(w);
+    delay.store(0, Ordering::Relaxed);
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the read was lost with the worker")
+        .expect("the read failed");
+    assert!(got == data, "wrong bytes");
+    let next = m.worker_pid();
+    assert_ne!(next, w);
+    m.workers.push(next);
+    let s = m.stats();
+    assert_eq!(s["worker_starts"], 2, "{s}");
+    assert_eq!(s["read_errors"], 0, "{s}");
+    m.umount();
+}

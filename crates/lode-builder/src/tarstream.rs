@@ -456,7 +456,7 @@ impl<R: Read> TarReader<R> {
             .iter()
             .filter_map(|(k, v)| {
                 k.strip_prefix(b"SCHILY.xattr.")
-                    .map(|name| (name.to_vec(), v.clone()))
+                    .map(|name| (decode_xattr_keyword(name), v.clone()))
             })
             .collect();
         let data_size = match get(b"size") {
@@ -852,6 +852,26 @@ pub fn parse_pax(data: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     Ok(out)
 }
 
+/// GNU tar writes `%` and `=` in xattr names as `%25` and `%3D` (a PAX keyword cannot hold
+/// `=`); undo exactly that, as GNU tar's own reader does.
+fn decode_xattr_keyword(name: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(name.len());
+    let mut i = 0;
+    while i < name.len() {
+        if name[i..].starts_with(b"%25") {
+            out.push(b'%');
+            i += 3;
+        } else if name[i..].starts_with(b"%3D") {
+            out.push(b'=');
+            i += 3;
+        } else {
+            out.push(name[i]);
+            i += 1;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -900,6 +920,7 @@ mod tests {
         data.extend_from_slice(b"12 path=a/b\n");
         let recs = parse_pax(&data).unwrap();
         assert_eq!(recs[0].0, b"SCHILY.xattr.user.x");
+        assert_eq!(decode_xattr_keyword(b"user.a%3Db%25c%41"), b"user.a=b%c%41");
         assert_eq!(recs[0].1, value);
         assert_eq!(recs[1], (b"path".to_vec(), b"a/b".to_vec()));
         assert!(parse_pax(b"99 path=x\n").is_err());

@@ -132,7 +132,7 @@ out=$(mktemp)
       nopt) label="lode FUSE, --no-passthrough"; tgt="≥ 0.6"; v=$(verdict "$rc" 0.6) ;;
       sq) label="squashfuse (uncompressed squashfs)"; tgt="—"; v="" ;;
     esac
-    echo "| $label | $c | $rc | $tgt | $v | $h | $rh |"
+    printf '| %s | %.2f | %.2f | %s | %s | %.2f | %.2f |\n' "$label" "$c" "$rc" "$tgt" "$v" "$h" "$rh"
   done
   echo
   echo "Passthrough mount, $((runs * 2)) measured passes: $((reads1 - reads0)) FUSE READ requests, $(echo "scale=1; ($served1 - $served0)/1000000" | bc) MB served by lode out of $(echo "scale=1; $runs * 2 * $bytes/1000000" | bc) MB read (files under 64 KiB are read through lode; the rest through passthrough, unless already in the page cache)."

@@ -293,3 +293,84 @@ pub fn is_dev_fuse(fd: impl AsFd) -> bool {
         libc::major(rdev) == 10 && libc::minor(rdev) == 229
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn negotiated(flags: u64) -> Negotiated {
+        Negotiated {
+            major: 7,
+            minor: 41,
+            kernel_minor: 45,
+            max_readahead: 1 << 20,
+            flags,
+            offered: flags,
+            passthrough: flags & flags::PASSTHROUGH != 0,
+        }
+    }
+
+    #[test]
+    fn synthetic_init_round_trips_through_the_parser() {
+        let neg = negotiated(flags::ASYNC_READ | flags::MAX_PAGES | flags::PASSTHROUGH);
+        let msg = synthetic_init(&neg);
+        assert_eq!(msg.len(), 104, "the size the 6.18 kernel sends");
+        let (a, b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        rustix::io::write(&a, &msg).unwrap();
+        let init = read_init(b.as_fd()).unwrap();
+        assert_eq!((init.major, init.minor), (7, 41));
+        assert_eq!(init.max_readahead, 1 << 20);
+        assert_eq!(
+            init.flags,
+            flags::ASYNC_READ | flags::MAX_PAGES | flags::PASSTHROUGH | flags::INIT_EXT
+        );
+    }
+
+    #[test]
+    fn init_reply_layout_enables_passthrough_only_when_offered() {
+        let (a, b) = rustix::net::socketpair(
+            rustix::net::AddressFamily::UNIX,
+            rustix::net::SocketType::SEQPACKET,
+            rustix::net::SocketFlags::CLOEXEC,
+            None,
+        )
+        .unwrap();
+        for (offered, want, expect) in [
+            (flags::PASSTHROUGH | flags::MAX_PAGES, true, true),
+            (flags::MAX_PAGES, true, false),
+            (flags::PASSTHROUGH, false, false),
+        ] {
+            let req = InitRequest {
+                unique: 99,
+                major: 7,
+                minor: 45,
+                max_readahead: 128 << 10,
+                flags: offered | flags::INIT_EXT | flags::WRITEBACK_CACHE,
+            };
+            let neg = reply_init(a.as_fd(), &req, want).unwrap();
+            assert_eq!(neg.passthrough, expect);
+            assert_eq!(neg.minor, OUR_MINOR);
+            let mut buf = [0u8; 256];
+            let n = rustix::io::read(&b, &mut buf[..]).unwrap();
+            assert_eq!(n, 80);
+            assert_eq!(u32_at(&buf, 0), 80);
+            assert_eq!(u64_at(&buf, 8), 99);
+            let body = &buf[16..];
+            assert_eq!(u32_at(body, 0), 7);
+            let low = u32_at(body, 12) as u64;
+            let high = u32_at(body, 32) as u64;
+            let all = low | high << 32;
+            assert!(all & flags::INIT_EXT != 0);
+            assert_eq!(all & flags::WRITEBACK_CACHE, 0, "never with passthrough");
+            assert_eq!(all & flags::PASSTHROUGH != 0, expect);
+            assert_eq!(u32_at(body, 36), expect as u32, "max_stack_depth");
+            assert_eq!(u16::from_le_bytes([body[28], body[29]]), MAX_PAGES);
+        }
+    }
+}

@@ -267,3 +267,33 @@ pub fn snapshot(s: &Shared) -> serde_json::Value {
         "passthrough_disabled": s.get(Counter::PassthroughDisabled) != 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_is_shared_through_the_fd() {
+        let a = Shared::create(100).unwrap();
+        a.op(15);
+        a.add(Counter::BytesServed, 4096);
+        a.set_backing_id(7, 3);
+        a.cached_open(9);
+        a.cached_open(9);
+        let fd = rustix::io::dup(a.fd()).unwrap();
+        let b = Shared::open(fd).unwrap();
+        assert_eq!(b.op_count(15), 1);
+        assert_eq!(b.get(Counter::BytesServed), 4096);
+        assert_eq!(b.backing_id(7), 3);
+        assert_eq!(b.cached_opens(9), 2);
+        b.cached_release(9);
+        b.cached_release(9);
+        b.cached_release(9);
+        assert_eq!(a.cached_opens(9), 0, "never below zero");
+        // Out of range: never passthrough, never a crash.
+        assert_eq!(a.cached_opens(1000), u32::MAX);
+        a.set_backing_id(1000, 5);
+        assert_eq!(a.backing_id(1000), 0);
+        assert_eq!(snapshot(&b)["requests"]["read"], 1);
+    }
+}

@@ -272,12 +272,23 @@ impl LodeFs {
         }
         // Build the backing file without holding the stripe (it may take a while).
         let made = self.materializer.backing_file(&self.image, inode);
+        if let Ok((_, m)) = &made {
+            if m.created {
+                self.shared.add(Counter::MaterializedFiles, 1);
+                self.shared.add(Counter::MaterializedBytes, inode.size);
+                self.shared
+                    .add(Counter::MaterializedDiskBytes, m.disk_bytes);
+                if m.reflinked {
+                    self.shared.add(Counter::ReflinkedFiles, 1);
+                }
+            }
+        }
         let _g = stripe.lock().expect("stripe");
         let id = self.shared.backing_id(nid);
         if id != 0 {
             return Some(id);
         }
-        let (file, made) = match made {
+        let (file, _) = match made {
             Ok(x) if self.shared.cached_opens(nid) == 0 && self.passthrough_on() => x,
             Ok(_) => {
                 self.shared.cached_open(nid);
@@ -289,15 +300,6 @@ impl LodeFs {
                 return None;
             }
         };
-        if made.created {
-            self.shared.add(Counter::MaterializedFiles, 1);
-            self.shared.add(Counter::MaterializedBytes, inode.size);
-            self.shared
-                .add(Counter::MaterializedDiskBytes, made.disk_bytes);
-            if made.reflinked {
-                self.shared.add(Counter::ReflinkedFiles, 1);
-            }
-        }
         match fuser::BackingId::create_raw(&self.fuse_fd, &file) {
             Ok(id) if id > 0 => {
                 self.shared.add(Counter::BackingIds, 1);

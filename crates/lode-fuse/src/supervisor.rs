@@ -35,6 +35,7 @@ use crate::shared::{snapshot, Counter, Shared};
 /// Where workers find their descriptors.
 const WORKER_FUSE_FD: i32 = 3;
 const WORKER_STATE_FD: i32 = 4;
+const WORKER_START_TIMEOUT_MS: i32 = 60_000;
 
 struct Supervisor {
     exe: PathBuf,
@@ -223,8 +224,21 @@ impl Supervisor {
                 .context("sending the worker its config")?;
         }
         let stdout = child.stdout.take().expect("piped");
+        // A worker opens the image from local state only; one that takes longer than this
+        // to start is stuck and is replaced.
+        let mut pfd = libc::pollfd {
+            fd: stdout.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid descriptor.
+        let ready = unsafe { libc::poll(&mut pfd, 1, WORKER_START_TIMEOUT_MS) } > 0;
         let mut line = String::new();
-        let n = BufReader::new(stdout).read_line(&mut line).unwrap_or(0);
+        let n = if ready {
+            BufReader::new(stdout).read_line(&mut line).unwrap_or(0)
+        } else {
+            0
+        };
         if n == 0 || line.trim() != "READY" {
             let _ = child.kill();
             let status = child.wait().ok();

@@ -112,6 +112,9 @@ struct Worker {
     reads_total: AtomicU64,
     read_errors: AtomicU64,
     bad_messages: AtomicU64,
+    /// Time READs spent making data present (fetch) and writing cache files, in µs.
+    fetch_us: AtomicU64,
+    write_us: AtomicU64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -166,6 +169,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         reads_total: AtomicU64::new(0),
         read_errors: AtomicU64::new(0),
         bad_messages: AtomicU64::new(0),
+        fetch_us: AtomicU64::new(0),
+        write_us: AtomicU64::new(0),
     });
     let _ = std::fs::write(run.worker_pid(), std::process::id().to_string());
     if args.restore {
@@ -518,8 +523,13 @@ impl Worker {
             let want = end.min(data_len).saturating_sub(start);
             // Fetch everything first: a failure leaves the whole range a hole (EIO), never
             // a partly written one.
-            f.ensure(start, want)?;
+            let t = Instant::now();
+            let r = f.ensure(start, want);
+            self.fetch_us
+                .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            r?;
         }
+        let t = Instant::now();
         let mut pos = start;
         while pos < end {
             let n = ((end - pos) as usize).min(buf.capacity());
@@ -541,6 +551,8 @@ impl Worker {
                 .with_context(|| format!("writing {n} bytes at {pos} to the cache file"))?;
             pos += n as u64;
         }
+        self.write_us
+            .fetch_add(t.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(end - start)
     }
 
@@ -847,6 +859,9 @@ impl Worker {
             "read_errors": self.read_errors.load(Ordering::Relaxed),
             "reads_in_flight": self.inflight.load(Ordering::Relaxed),
             "bad_messages": self.bad_messages.load(Ordering::Relaxed),
+            "fetch_seconds": self.fetch_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "write_seconds": self.write_us.load(Ordering::Relaxed) as f64 / 1e6,
+            "read_bytes": self.keys.lock().expect("keys lock").values().map(|k| k.bytes.load(Ordering::Relaxed)).sum::<u64>(),
         })
     }
 }

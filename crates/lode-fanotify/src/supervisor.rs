@@ -67,6 +67,8 @@ struct Running {
     backoff: Duration,
     /// `st_dev` of the EROFS superblock once mounted.
     dev: u64,
+    /// A detached clone of the mount: keeps the superblock (and so `dev`) ours.
+    _pin: Option<OwnedFd>,
     mounted: bool,
 }
 
@@ -153,6 +155,7 @@ impl Running {
             restart_at: None,
             backoff: BACKOFF_MIN,
             dev: 0,
+            _pin: None,
             mounted: false,
         };
         if let Err(e) = r.start_worker().and_then(|_| r.wait_ready()) {
@@ -183,6 +186,18 @@ impl Running {
             }
         }
         r.journal.set_erofs_dev(r.dev);
+        // Pin the superblock with a detached clone of the mount (it does not make the mount
+        // busy): while we live, its device number cannot be given to another mount, so
+        // "is device X still mounted or in use" is about our superblock and no other.
+        match rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &r.spec.mountpoint,
+            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE
+                | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        ) {
+            Ok(fd) => r._pin = Some(fd),
+            Err(e) => warn!("pinning the superblock (open_tree clone): {e}; a device number reused after unmount could delay exit"),
+        }
         let saved = runtime::save(&MountRecord {
             mountpoint: r.spec.mountpoint.clone(),
             mode: "fanotify".into(),

@@ -104,3 +104,56 @@ fn convert_two_layer_image_then_mount_matches_merged_rootfs() {
     assert_same_tree(&expected, &mnt);
     guard.unmount().unwrap();
 }
+
+/// A real tree (`/usr/lib/python3*`, or `/usr/share/doc`) as the bottom layer of an ordinary
+/// image, converted through the registry, pulled and mounted: identical to the tree.
+#[test]
+fn convert_real_tree_image() {
+    require_root();
+    require_erofs();
+    let work = tempfile::Builder::new()
+        .prefix("lode-convert-real-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let w = work.path();
+    let tree = std::fs::read_dir("/usr/lib")
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("python3."))
+                && p.is_dir()
+        })
+        .max()
+        .unwrap_or_else(|| "/usr/share/doc".into());
+    // One layer: the tree under /payload.
+    let l1root = w.join("l1");
+    std::fs::create_dir(&l1root).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(&tree)
+        .arg(l1root.join("payload")));
+    tar_gz::<&str>(&l1root, &[], &w.join("l1.tar.gz"));
+    let layout = w.join("layout");
+    write_layout(&layout, "real", &[w.join("l1.tar.gz")]);
+    let registry = TestRegistry::start();
+    let src = format!("{}/src/real:1", registry.addr());
+    let dst = format!("{}/lode/real:1", registry.addr());
+    skopeo_push(&layout, "real", &src);
+    run(lode().args(["convert", "--plain-http", &src, &dst]));
+    run(lode()
+        .args(["pull", "--all", "--plain-http", &dst])
+        .arg(w.join("pulled")));
+    let mnt = w.join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    run(lode()
+        .args(["mount", "--mode", "local", "--cache-dir"])
+        .arg(w.join("cache"))
+        .arg(w.join("pulled"))
+        .arg(&mnt));
+    let guard = MountGuard::new(&mnt);
+    assert_same_tree(&l1root, &mnt);
+    guard.unmount().unwrap();
+}

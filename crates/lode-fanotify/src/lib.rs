@@ -21,7 +21,9 @@
 //!   3. group = fanotify_init(PRE_CONTENT|CLOEXEC|UNLIMITED_QUEUE, O_RDWR|O_LARGEFILE)
 //!   4. inode mark FAN_PRE_ACCESS on each blob data file
 //!   5. the journal (a memfd, mapped shared); spawn worker 1, wait until it is ready
-//!   6. mount EROFS (bootstrap + blob data files as device=) — after the marks
+//!   6. mount EROFS (bootstrap + blob data files as device=) — after the marks; keep a
+//!      detached clone of the mount (open_tree) so the superblock's device number stays
+//!      ours and the exit check below cannot mistake another mount for ours
 //!   7. write the mount record (mode fanotify, pid = supervisor), tell `lode mount` READY
 //!   8. loop: restart the worker whenever it dies (backoff 0.1 s .. 5 s); exit only once
 //!      the EROFS superblock is unreachable (no longer mounted in our namespace and no

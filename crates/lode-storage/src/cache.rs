@@ -66,6 +66,8 @@ pub struct CacheStats {
     pub blobs_opened: AtomicU64,
     pub blobs_invalidated: AtomicU64,
     pub chunks_committed: AtomicU64,
+    /// Blobs removed to keep the cache under its size limit.
+    pub blobs_evicted: AtomicU64,
     pub commits: AtomicU64,
 }
 
@@ -80,6 +82,9 @@ pub struct BlobCache {
 
 /// Chunks filled but not yet durable, committed in batches by a background thread.
 struct Committer {
+    /// The cache's `blobs` directory, and its size limit in bytes on disk (0: none).
+    blobs_dir: PathBuf,
+    max_bytes: AtomicU64,
     pending: Mutex<Vec<(Arc<CachedBlob>, usize)>>,
     /// Held for a whole commit, so `flush` also waits for one already under way.
     committing: Mutex<()>,
@@ -93,7 +98,13 @@ impl BlobCache {
         let blobs_dir = dir.join("blobs");
         fs::create_dir_all(&blobs_dir)
             .with_context(|| format!("creating cache directory {}", blobs_dir.display()))?;
+        let max_bytes = match std::env::var("LODE_CACHE_MAX_SIZE") {
+            Ok(v) => parse_size(&v).with_context(|| format!("LODE_CACHE_MAX_SIZE={v:?}"))?,
+            Err(_) => 0,
+        };
         let committer = Arc::new(Committer {
+            blobs_dir: blobs_dir.clone(),
+            max_bytes: AtomicU64::new(max_bytes),
             pending: Mutex::new(Vec::new()),
             committing: Mutex::new(()),
             wake: Condvar::new(),
@@ -116,6 +127,14 @@ impl BlobCache {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Keeps the cache at most `bytes` on disk (0: no limit; default from the environment
+    /// variable `LODE_CACHE_MAX_SIZE`): every few seconds, while it is larger, blobs no
+    /// process uses are evicted, least recently used first. Blobs in use are never evicted,
+    /// so a cache can stay above its limit while its mounts need the data.
+    pub fn set_max_size(&self, bytes: u64) {
+        self.committer.max_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Path of a blob's data file (its uncompressed layout).
@@ -528,8 +547,29 @@ impl CachedBlob {
     }
 }
 
+/// How often the size limit is checked.
+const EVICT_INTERVAL: Duration = Duration::from_secs(2);
+
 fn commit_loop(committer: Arc<Committer>, stats: Arc<CacheStats>) {
+    let mut last_evict = std::time::Instant::now();
     loop {
+        let max = committer.max_bytes.load(Ordering::Relaxed);
+        if max > 0 && last_evict.elapsed() >= EVICT_INTERVAL {
+            last_evict = std::time::Instant::now();
+            match evict_over(&committer.blobs_dir, max) {
+                Ok(removed) if !removed.is_empty() => {
+                    stats
+                        .blobs_evicted
+                        .fetch_add(removed.len() as u64, Ordering::Relaxed);
+                    tracing::info!(
+                        removed = removed.len(),
+                        "cache over its size limit: evicted unused blobs"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!("cache eviction: {e:#}"),
+            }
+        }
         {
             let pending = committer.pending.lock().expect("commit lock");
             let (_guard, _) = committer
@@ -646,7 +686,11 @@ fn list_dir(blobs_dir: &Path) -> Result<Vec<CacheEntry>> {
 /// Removes entries no process uses, least recently used first, until the cache holds at most
 /// `max_bytes` on disk (0 removes every unused entry). Returns the entries removed.
 pub fn gc(cache_dir: &Path, max_bytes: u64) -> Result<Vec<CacheEntry>> {
-    let blobs_dir = cache_dir.join("blobs");
+    evict_over(&cache_dir.join("blobs"), max_bytes)
+}
+
+fn evict_over(blobs_dir: &Path, max_bytes: u64) -> Result<Vec<CacheEntry>> {
+    let blobs_dir = blobs_dir.to_path_buf();
     let mut entries = list_dir(&blobs_dir)?;
     let mut total: u64 = entries.iter().map(|e| e.disk_bytes).sum();
     entries.sort_by_key(|e| e.last_used);
@@ -675,4 +719,20 @@ pub fn gc(cache_dir: &Path, max_bytes: u64) -> Result<Vec<CacheEntry>> {
     }
     // Leftover temporary or orphaned files from crashes are unnamed (O_TMPFILE): nothing to do.
     Ok(removed)
+}
+
+/// Parses `1048576`, `512M`, `2G` (binary multiples).
+fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mul) = match t.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
+        Some((i, 'T' | 't')) => (&t[..i], 1 << 40),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mul))
+        .with_context(|| format!("{s:?} is not a size (e.g. 1073741824, 512M, 2G)"))
 }

@@ -431,3 +431,48 @@ fn gc_removes_least_recently_used_unused_blobs_only() {
         .unwrap()
         .is_empty());
 }
+
+#[test]
+fn size_limit_evicts_unused_blobs_only() {
+    let fx = fixture();
+    let cache_dir = fx.img.join("cache");
+    let blobs: Vec<DataBlob> = fx.manifest.blobs.clone();
+    {
+        // Fill the cache with the blob, then let go of it.
+        let cache = BlobCache::open(&cache_dir).unwrap();
+        let f = BlobFetcher::open(
+            &cache,
+            TestBackend::new(&fx.blobs_dir()),
+            &blobs[0],
+            opts(),
+            Default::default(),
+        )
+        .unwrap();
+        f.prefetch_all(&PrefetchLimits::default()).unwrap();
+        cache.flush();
+    }
+    let cache = BlobCache::open(&cache_dir).unwrap();
+    assert_eq!(cache.list().unwrap().len(), 1);
+    // In use by this process: the limit does not evict it.
+    let held = BlobFetcher::open(
+        &cache,
+        TestBackend::new(&fx.blobs_dir()),
+        &blobs[0],
+        opts(),
+        Default::default(),
+    )
+    .unwrap();
+    cache.set_max_size(1);
+    std::thread::sleep(Duration::from_millis(2600));
+    assert_eq!(cache.list().unwrap().len(), 1, "a blob in use was evicted");
+    drop(held);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !cache.list().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unused blob was not evicted"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(cache.stats.blobs_evicted.load(Ordering::SeqCst), 1);
+}

@@ -15,6 +15,8 @@
 #    (4 readers, as a container starting up would). Measured with the page cache dropped
 #    before each run ("cold page cache": every read goes to storage, every lookup to the
 #    filesystem) and again without dropping ("hot"). Median of RUNS; contestants alternate.
+#    Also 20,000 4 KiB preads at random offsets of the files >= 1 MiB (4 threads, page cache
+#    dropped): where passthrough matters most (every miss is a round trip to lode without).
 # 4. Ratio = native time / contestant time. Targets (cold page cache): passthrough >= 0.9,
 #    no passthrough >= 0.6: MET / MISSED.
 # With --record, the results replace the "FUSE mode" section of docs/benchmarks.md.
@@ -50,12 +52,29 @@ cleanup() {
 trap cleanup EXIT
 drop() { sync; echo 3 >/proc/sys/vm/drop_caches; }
 readall() { find "$1" -type f -print0 | xargs -0 -r -n 256 -P 4 cat >/dev/null; }
+# 20,000 4 KiB preads at random (seeded) block offsets of the files >= 1 MiB, 4 threads.
+randread() { python3 -c '
+import os, random, sys, threading
+root, listing = sys.argv[1], sys.argv[2]
+names = [l.rstrip("\n") for l in open(listing)]
+fds = [(os.open(os.path.join(root, n), os.O_RDONLY), os.path.getsize(os.path.join(root, n))) for n in names]
+def work(seed):
+    r = random.Random(seed)
+    for _ in range(5000):
+        fd, size = fds[r.randrange(len(fds))]
+        os.pread(fd, 4096, r.randrange(size // 4096) * 4096)
+ts = [threading.Thread(target=work, args=(s,)) for s in range(4)]
+for t in ts: t.start()
+for t in ts: t.join()
+' "$1" "$work/big.list"; }
 timeit() { local t0 t1; t0=$(date +%s.%N); "$@"; t1=$(date +%s.%N); echo "$t1 - $t0" | bc; }
 median() { sort -g | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 
 echo "copying $tree" >&2
 cp -a "$tree" "$work/src"
 files=$(find "$work/src" -type f | wc -l)
+(cd "$work/src" && find . -type f -size +1M | sort) >"$work/big.list"
+big_files=$(wc -l <"$work/big.list")
 bytes=$(find "$work/src" -type f -printf '%s\n' | awk '{s+=$1} END {print s+0}')
 echo "building the lode image" >&2
 "$lode" build "$work/src" -o "$work/img" >/dev/null
@@ -105,9 +124,9 @@ all_files=$(find "$work/cache-all/files" -type f | wc -l)
 all_disk=$(du -sB1 "$work/cache-all/files" | cut -f1)
 
 load0=$(cut -d' ' -f1-3 /proc/loadavg)
-declare -A cold hot
+declare -A cold hot rand
 names=(native pt ptall nopt sq)
-for n in "${names[@]}"; do cold[$n]=""; hot[$n]=""; done
+for n in "${names[@]}"; do cold[$n]=""; hot[$n]=""; rand[$n]=""; done
 dir_of() { case $1 in native) echo "$work/m-native" ;; pt) echo "$work/m-pt" ;; ptall) echo "$work/m-ptall" ;; nopt) echo "$work/m-nopt" ;; sq) echo "$work/m-sq" ;; esac; }
 for r in $(seq 1 "$runs"); do
   for n in "${names[@]}"; do
@@ -115,6 +134,8 @@ for r in $(seq 1 "$runs"); do
     drop
     cold[$n]+="$(timeit readall "$d") "
     hot[$n]+="$(timeit readall "$d") "
+    drop
+    rand[$n]+="$(timeit randread "$d") "
   done
   echo "run $r/$runs done" >&2
 done
@@ -126,16 +147,16 @@ served1=$(echo "$pt1" | python3 -c 'import json,sys; print(json.load(sys.stdin)[
 med() { echo "$1" | tr ' ' '\n' | grep -v '^$' | median; }
 ratio() { echo "scale=3; $1 / $2" | bc; }
 verdict() { if [ "$(echo "$1 >= $2" | bc)" = 1 ]; then echo MET; else echo MISSED; fi; }
-tn_c=$(med "${cold[native]}"); tn_h=$(med "${hot[native]}")
+tn_c=$(med "${cold[native]}"); tn_h=$(med "${hot[native]}"); tn_r=$(med "${rand[native]}")
 out=$(mktemp)
 {
-  echo "Tree: \`$tree\` copy, $files files, $(echo "scale=1; $bytes/1000000" | bc) MB; $runs runs, median; $(nproc) cores, kernel $(uname -r); load average $load0 before, $load1 after."
+  echo "Tree: \`$tree\` copy, $files files ($big_files of at least 1 MiB), $(echo "scale=1; $bytes/1000000" | bc) MB; $runs runs, median; $(nproc) cores, kernel $(uname -r); load average $load0 before, $load1 after."
   echo
-  echo "| reading all data (4 readers) | page cache dropped: s | ratio vs native | target | | page cache hot: s | ratio vs native |"
-  echo "|---|---:|---:|---:|---|---:|---:|"
+  echo "| | read all data, page cache dropped: s | ratio vs native | target | | read all data, page cache hot: s | ratio | 4 KiB random reads, page cache dropped: s | ratio |"
+  echo "|---|---:|---:|---:|---|---:|---:|---:|---:|"
   for n in native pt ptall nopt sq; do
-    c=$(med "${cold[$n]}"); h=$(med "${hot[$n]}")
-    rc=$(ratio "$tn_c" "$c"); rh=$(ratio "$tn_h" "$h")
+    c=$(med "${cold[$n]}"); h=$(med "${hot[$n]}"); x=$(med "${rand[$n]}")
+    rc=$(ratio "$tn_c" "$c"); rh=$(ratio "$tn_h" "$h"); rx=$(ratio "$tn_r" "$x")
     case $n in
       native) label="native ext4 (loop image)"; tgt="—"; v="" ;;
       pt) label="lode FUSE, passthrough (files ≥ 64 KiB, the default)"; tgt="≥ 0.9"; v=$(verdict "$rc" 0.9) ;;
@@ -143,7 +164,7 @@ out=$(mktemp)
       nopt) label="lode FUSE, --no-passthrough"; tgt="≥ 0.6"; v=$(verdict "$rc" 0.6) ;;
       sq) label="squashfuse (uncompressed squashfs)"; tgt="—"; v="" ;;
     esac
-    printf '| %s | %.2f | %.2f | %s | %s | %.2f | %.2f |\n' "$label" "$c" "$rc" "$tgt" "$v" "$h" "$rh"
+    printf '| %s | %.2f | %.2f | %s | %s | %.2f | %.2f | %.2f | %.2f |\n' "$label" "$c" "$rc" "$tgt" "$v" "$h" "$rh" "$x" "$rx"
   done
   echo
   echo "Passthrough mount, $((runs * 2)) measured passes: $((reads1 - reads0)) FUSE READ requests, $(echo "scale=1; ($served1 - $served0)/1000000" | bc) MB served by lode out of $(echo "scale=1; $runs * 2 * $bytes/1000000" | bc) MB read (files under 64 KiB are read through lode; the rest through passthrough, unless already in the page cache)."

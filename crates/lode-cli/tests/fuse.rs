@@ -133,7 +133,6 @@ impl FuseMount {
 
     /// `lode umount`, then checks nothing is left: processes, mount, record, socket.
     fn umount(mut self) {
-        self.done = true;
         // Retried: a fork in a parallel test can hold one of our descriptors for a moment
         // (EBUSY); a real failure still fails after the deadline.
         let deadline = Instant::now() + Duration::from_secs(5);
@@ -163,6 +162,8 @@ impl FuseMount {
             .map(|d| d.map(|e| e.unwrap().path()).collect())
             .unwrap_or_default();
         assert!(left.is_empty(), "left in the run dir: {left:?}");
+        // Only now: a failed check above leaves the cleanup (kill by PID) to Drop.
+        self.done = true;
     }
 }
 

@@ -88,6 +88,25 @@ fn bind(dev: &Device, backing: &Path) -> Result<()> {
     })
 }
 
+/// Deletes what cachefiles moved to `<dir>/graveyard` (culled or stale objects): the kernel
+/// leaves that to the daemon.
+fn clear_graveyard(backing: &Path) {
+    let Ok(rd) = std::fs::read_dir(backing.join("graveyard")) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let r = if e.file_type().is_ok_and(|t| t.is_dir()) {
+            std::fs::remove_dir_all(&p)
+        } else {
+            std::fs::remove_file(&p)
+        };
+        if let Err(err) = r {
+            tracing::warn!("removing {}: {err}", p.display());
+        }
+    }
+}
+
 /// Runs the supervisor (started detached by `lode mount`). Returns when the worker exited
 /// with no mount left.
 pub fn run(cache_dir: &Path) -> Result<()> {
@@ -106,6 +125,7 @@ pub fn run(cache_dir: &Path) -> Result<()> {
         backing.display(),
         std::process::id()
     );
+    clear_graveyard(&backing);
     // A new cache session: whatever an earlier daemon recorded is meaningless now.
     let _ = std::fs::remove_file(run.state());
     let _ = std::fs::remove_file(run.socket());

@@ -125,17 +125,36 @@ struct Persisted {
     bootstrap_digest: String,
 }
 
-/// The fsid of the `n`-th concurrent mount of the image whose bootstrap has digest `hex`:
-/// its first 24 hex digits (96 bits), then `-n` from the second mount on. Stable, so the
-/// bootstrap's cache file is reused by the next mount of the same image; short, because the
-/// kernel names the mount's sysfs directory with the first 36 bytes of `<domain>,<fsid>`
+/// Characters of a bootstrap digest in an fsid.
+const FSID_DIGEST_CHARS: usize = 28;
+
+/// The fsid of the `n`-th concurrent mount of the image whose bootstrap has the sha256 digest
+/// `hex`: the digest in URL-safe base64, cut to 28 characters (168 bits), then `-n` from the
+/// second mount on. Stable, so the next mount of the same image reuses the bootstrap's cache
+/// file; long enough that no two bootstraps share one (cachefiles would serve one image's
+/// cached metadata to the other if their sizes matched); and short, because the kernel names
+/// the mount's sysfs directory with only the first 36 bytes of `<domain>,<fsid>`
 /// (`s_sysfs_name`): longer fsids would collide there and fail the mount.
 pub fn fsid_for(hex: &str, n: u32) -> String {
-    let short = &hex[..hex.len().min(24)];
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let bytes: Vec<u8> = (0..hex.len() / 2)
+        .filter_map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
+        .collect();
+    let mut s = String::new();
+    for group in bytes.chunks(3) {
+        let v = group
+            .iter()
+            .enumerate()
+            .fold(0u32, |v, (i, b)| v | (*b as u32) << (16 - 8 * i));
+        for k in 0..=group.len() {
+            s.push(ALPHABET[(v >> (18 - 6 * k) & 63) as usize] as char);
+        }
+    }
+    s.truncate(FSID_DIGEST_CHARS);
     if n <= 1 {
-        short.to_string()
+        s
     } else {
-        format!("{short}-{n}")
+        format!("{s}-{n}")
     }
 }
 
@@ -566,6 +585,20 @@ impl Worker {
                 bail!("blob digest {} cannot be a cachefiles cookie key", b.digest);
             }
         }
+        // The kernel opens blobs by the bootstrap's device-table tags, and in the shared
+        // domain any tag names whichever image's blob has that digest: an image may only
+        // name the blobs its (verified) manifest lists, in order.
+        let boot = std::fs::read(&image.bootstrap)
+            .with_context(|| format!("reading {}", image.bootstrap.display()))?;
+        let parsed = lode_format::reader::Image::open(Box::new(boot))?;
+        let tags: Vec<&str> = parsed.devices().iter().map(|d| d.tag.as_str()).collect();
+        let hexes: Vec<&str> = image.manifest.blobs.iter().map(|b| b.hex()).collect();
+        if tags != hexes {
+            bail!(
+                "{}: the bootstrap's device table {tags:?} does not name the manifest's blobs {hexes:?}",
+                spec.source
+            );
+        }
         let mut images = self.images.lock().expect("images lock");
         let fsid = (1..100)
             .map(|n| fsid_for(image.manifest.bootstrap.hex(), n))
@@ -893,8 +926,17 @@ mod tests {
     #[test]
     fn fsids_fit_the_sysfs_name() {
         let hex = "0123456789abcdef".repeat(4);
-        assert_eq!(fsid_for(&hex, 1), "0123456789abcdef01234567");
-        assert_eq!(fsid_for(&hex, 2), "0123456789abcdef01234567-2");
+        // base64url of 01 23 45 67 89 ab cd ef ...
+        assert_eq!(fsid_for(&hex, 1), "ASNFZ4mrze8BI0VniavN7wEjRWeJ");
+        assert_eq!(fsid_for(&hex, 2), "ASNFZ4mrze8BI0VniavN7wEjRWeJ-2");
+        assert_eq!(fsid_for(&"ff".repeat(32), 1), "_".repeat(28));
+        // The 21st byte (bits 160..168) still counts.
+        let mut other = hex.clone();
+        other.replace_range(40..42, "00");
+        assert_ne!(fsid_for(&hex, 1), fsid_for(&other, 1));
+        let mut other = hex.clone();
+        other.replace_range(42..44, "00");
+        assert_eq!(fsid_for(&hex, 1), fsid_for(&other, 1));
         for n in 1..100 {
             let f = fsid_for(&hex, n);
             assert!(abi::valid_key(&f));

@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
@@ -143,21 +144,36 @@ pub fn status() -> Result<serde_json::Value> {
 }
 
 fn find_or_start(run: &RunDir, cache_dir: &Path) -> Result<serde_json::Value> {
-    let mut last_err = anyhow!("could not reach the fscache daemon");
-    for _ in 0..3 {
-        // A daemon that is exiting closes the connection; then a new one is started (it
-        // waits for the old one to let go of /dev/cachefiles).
-        if run.socket().exists() {
-            if let Ok(v) = control::call(&run.socket(), &Request::Ping, SHORT_TIMEOUT) {
-                return Ok(v);
+    let socket = run.socket();
+    if socket.exists() {
+        // A live daemon answers at once (while its worker restarts, the supervisor's socket
+        // keeps the connection waiting); a socket nobody listens on is stale.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&socket) {
+                Ok(stream) => {
+                    if let Ok(v) = control::call_on(stream, &Request::Ping, SHORT_TIMEOUT) {
+                        return Ok(v);
+                    }
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                    ) =>
+                {
+                    break
+                }
+                Err(_) => {}
             }
-        }
-        match start(run, cache_dir) {
-            Ok(v) => return Ok(v),
-            Err(e) => last_err = e,
+            if Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
         }
     }
-    Err(last_err)
+    // The supervisor waits for an exiting predecessor to let go of /dev/cachefiles.
+    start(run, cache_dir)
 }
 
 /// Starts the supervisor detached (it calls setsid) and waits until its worker answers.

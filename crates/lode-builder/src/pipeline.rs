@@ -26,6 +26,17 @@ pub struct PipelineOptions {
     pub threads: usize,
 }
 
+impl PipelineOptions {
+    /// Pieces a file is read in: inlined files are one piece whatever the chunk size.
+    fn pieces(&self, job: &FileJob) -> u64 {
+        if job.size <= self.inline_max {
+            1
+        } else {
+            job.size.div_ceil(1 << self.chunk_bits)
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct PipelineStats {
     pub files: u64,
@@ -83,14 +94,7 @@ pub fn run(
         chunk: 0,
         seq: 0,
     });
-    // Chunks per job: inlined files are one piece regardless of the chunk size.
-    let pieces = |j: &FileJob| -> u64 {
-        if j.size <= opts.inline_max {
-            1
-        } else {
-            j.size.div_ceil(chunk_size as u64)
-        }
-    };
+    let pieces = |j: &FileJob| opts.pieces(j);
     let mut stats = PipelineStats::default();
     let compression = store.compression();
 
@@ -100,11 +104,7 @@ pub fn run(
             let done_tx = done_tx.clone();
             let cursor = &cursor;
             let compressor = Compressor::new(compression)?;
-            s.spawn(move || {
-                worker(
-                    jobs, cursor, &pieces, free_rx, done_tx, chunk_size, opts, compressor,
-                )
-            });
+            s.spawn(move || worker(jobs, cursor, free_rx, done_tx, opts, compressor));
         }
         drop(done_tx);
 
@@ -168,18 +168,17 @@ pub fn run(
 fn worker(
     jobs: &[FileJob],
     cursor: &Mutex<Cursor>,
-    pieces: &dyn Fn(&FileJob) -> u64,
     free_rx: Receiver<Vec<u8>>,
     done_tx: Sender<Result<Done>>,
-    chunk_size: usize,
     opts: &PipelineOptions,
     mut compressor: Compressor,
 ) {
+    let chunk_size = 1usize << opts.chunk_bits;
     let mut open: Option<(usize, File)> = None;
     while let Ok(mut buf) = free_rx.recv() {
         let (seq, job_idx, chunk) = {
             let mut c = cursor.lock().expect("cursor lock");
-            while c.job < jobs.len() && c.chunk >= pieces(&jobs[c.job]) {
+            while c.job < jobs.len() && c.chunk >= opts.pieces(&jobs[c.job]) {
                 c.job += 1;
                 c.chunk = 0;
             }

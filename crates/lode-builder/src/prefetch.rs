@@ -90,7 +90,10 @@ pub fn resolve(tree: &Tree, path: &Path) -> Result<(Vec<PrefetchExtent>, Prefetc
     Ok((out, report))
 }
 
-fn parse_line(line: &[u8]) -> Result<(&[u8], Option<(u64, u64)>)> {
+/// A trace line: the path, and the byte range (offset, length) if one was given.
+type TraceEntry<'a> = (&'a [u8], Option<(u64, u64)>);
+
+fn parse_line(line: &[u8]) -> Result<TraceEntry<'_>> {
     // The path may contain spaces: the last two fields are a range only if both are numbers.
     let fields: Vec<&[u8]> = line.rsplitn(3, |&b| b == b' ').collect();
     if fields.len() == 3 {

@@ -216,11 +216,7 @@ fn check(tree: &Tree, id: NodeId, img: &Image, ino: &Inode, nlinks: &BTreeMap<No
                     let mut v = Vec::new();
                     for (i, c) in chunks.iter().enumerate() {
                         let len = (*size - ((i as u64) << chunk_bits)).min(1 << chunk_bits);
-                        let byte = if c.is_hole() {
-                            0
-                        } else {
-                            got[(i as usize) << chunk_bits]
-                        };
+                        let byte = if c.is_hole() { 0 } else { got[i << chunk_bits] };
                         assert!(c.is_hole() || byte & 1 == 1, "chunk {i} read as zeros");
                         v.extend(std::iter::repeat_n(byte, len as usize));
                     }

@@ -148,7 +148,7 @@ pub fn print_report(
     json: bool,
 ) -> Result<()> {
     if json {
-        let mut v = serde_json::to_value(&report)?;
+        let mut v = serde_json::to_value(report)?;
         v["elapsed_seconds"] = report.elapsed.as_secs_f64().into();
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {

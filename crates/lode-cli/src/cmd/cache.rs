@@ -53,8 +53,8 @@ pub fn run(args: Args) -> Result<()> {
                 return Ok(());
             }
             println!(
-                "{:<19} {:>10} {:>10} {:>15} {:>10} {}",
-                "BLOB", "SIZE", "ON DISK", "CHUNKS", "USED", "IN USE"
+                "{:<19} {:>10} {:>10} {:>15} {:>10} IN USE",
+                "BLOB", "SIZE", "ON DISK", "CHUNKS", "USED"
             );
             for e in &entries {
                 println!(

@@ -25,6 +25,9 @@ use lode_testkit::cmd::run;
 use lode_testkit::mount::require_root;
 use lode_testkit::tree::{materialize, EntryKind, FileData, Meta, TreeSpec};
 
+/// PASS lines fscache_vm.sh prints when everything works.
+const EXPECTED_CHECKS: usize = 27;
+
 /// Longest the VM may run (boot + every check), so a hang fails the test instead of CI.
 const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 
@@ -318,7 +321,7 @@ fn fscache_vm() {
     assert!(ok, "the VM run failed (see the output above)");
     // Every check printed its line (a script that stopped early must not pass).
     assert!(
-        out.contains("fscache-vm: ") && passes >= 25,
+        out.contains("fscache-vm: ") && passes >= EXPECTED_CHECKS,
         "only {passes} checks passed"
     );
 }

@@ -50,6 +50,14 @@ X=$(blob_hex A 0)
 xa=$(reads_of "$X")
 [ "$xa" -gt 0 ] && ok reads-a "$xa READs on blob ${X:0:12}" || bad reads-a "no READ on blob $X"
 
+# The same image mounted twice at once: a second fsid (the first must be unique in the domain).
+if M A mX && cmp -s mX/data/f1 TA/data/f1 && [ "$(jget "sum(i['fsid'].endswith('-2') for i in d['images'])")" = 1 ]; then
+  ok same-image-twice
+else
+  bad same-image-twice
+fi
+"$L" umount mX || bad same-image-twice-umount
+
 # 2. A second image sharing blob X, in the same domain: nothing is fetched for X again.
 s=$(date +%s.%N)
 if M B mB; then ok mount-b "$(elapsed "$s")"; else bad mount-b; fi
@@ -67,7 +75,7 @@ fi
 # 3. Unmounting the last image stops the daemon; the cache files stay.
 "$L" umount mA && "$L" umount mB && daemon_gone && ok daemon-exits-after-last-umount || bad daemon-exits-after-last-umount
 files=$(find cache/lode/fscache/cache -type f -name 'D*' | wc -l)
-[ "$files" = 4 ] && ok cache-files "4 cache files: 2 bootstraps, blobs X and Y" || bad cache-files "$files cache files"
+[ "$files" = 5 ] && ok cache-files "5 cache files: bootstraps of A, A's second mount and B; blobs X and Y" || bad cache-files "$files cache files"
 
 # 4. A new daemon reuses the cache files: no READ at all for a fully read image.
 M B mB || bad remount-b
@@ -139,6 +147,10 @@ out=$(timeout 120 mount -t erofs none -o fsid=nosuchimage,domain_id=lode mX 2>&1
 [ "$rc" != 0 ] && [ "$rc" != 124 ] && ! mountpoint -q mX && ok unknown-fsid-refused "$out" || bad unknown-fsid-refused "rc=$rc $out"
 n=$(jget "len(d['images'])")
 [ "$n" = 3 ] && ok failed-mounts-forgotten || bad failed-mounts-forgotten "$n images registered"
+# SIGTERM (what a generic stop does) while mounts remain: the daemon stays.
+kill -TERM "$(cat /run/lode/fscache/supervisor.pid)"
+sleep 2
+[ "$(jget "len(d['images'])")" = 3 ] && ok sigterm-ignored-while-mounted || bad sigterm-ignored-while-mounted
 sync; echo 3 >/proc/sys/vm/drop_caches
 (cd mB && cmp -s tiny "$W/TB/tiny") && (cd mC && sha256sum --quiet -c "$W/C.sums" >/dev/null 2>&1) && ok still-serving || bad still-serving
 

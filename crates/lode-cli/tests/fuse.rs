@@ -248,6 +248,14 @@ fn registry_image_served_lazily_matches_source() {
     let s = m.stats();
     assert!(s["passthrough_opens"].as_u64().unwrap() > 0, "{s}");
     assert_eq!(s["read_errors"], 0, "{s}");
+    // Fetch counters are published every 200 ms.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while m.stats()["fetch_bytes"] == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let s = m.stats();
+    assert!(s["fetch_bytes"].as_u64().unwrap() > 0, "{s}");
+    assert!(s["fetch_requests"].as_u64().unwrap() > 0, "{s}");
     m.umount();
 }
 

@@ -50,6 +50,10 @@ pub enum Counter {
     PassthroughDisabled,
     /// The pid of the current worker.
     WorkerPid,
+    /// Range requests to the backend, bytes received, failed fetches (all workers).
+    FetchRequests,
+    FetchBytes,
+    FetchErrors,
     Last,
 }
 
@@ -265,6 +269,9 @@ pub fn snapshot(s: &Shared) -> serde_json::Value {
         "worker_starts": s.get(Counter::WorkerStarts),
         "worker_pid": s.get(Counter::WorkerPid),
         "passthrough_disabled": s.get(Counter::PassthroughDisabled) != 0,
+        "fetch_requests": s.get(Counter::FetchRequests),
+        "fetch_bytes": s.get(Counter::FetchBytes),
+        "fetch_errors": s.get(Counter::FetchErrors),
     })
 }
 

@@ -67,7 +67,8 @@ pub fn main() -> Result<()> {
     shared.add(Counter::WorkerStarts, 1);
     shared.set(Counter::WorkerPid, std::process::id() as u64);
 
-    let (fs, cache) = open_fs(&cfg, shared.clone(), fuse_fd.try_clone()?)?;
+    let (fs, cache, fetch_stats) = open_fs(&cfg, shared.clone(), fuse_fd.try_clone()?)?;
+    publish_fetch_stats(shared.clone(), fetch_stats);
 
     match abi::notify_resend(fuse_fd.as_fd()) {
         Ok(()) => {}
@@ -100,11 +101,29 @@ pub fn main() -> Result<()> {
     }
 }
 
+/// Adds this worker's fetch counters to the shared ones every 200 ms (so they count across
+/// worker restarts).
+fn publish_fetch_stats(shared: Arc<Shared>, stats: Arc<FetchStats>) {
+    let _ = std::thread::Builder::new()
+        .name("lode-fuse-stats".into())
+        .spawn(move || {
+            let mut last = (0u64, 0u64, 0u64);
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let s = stats.snapshot();
+                shared.add(Counter::FetchRequests, s.requests - last.0);
+                shared.add(Counter::FetchBytes, s.bytes_fetched - last.1);
+                shared.add(Counter::FetchErrors, s.errors - last.2);
+                last = (s.requests, s.bytes_fetched, s.errors);
+            }
+        });
+}
+
 fn open_fs(
     cfg: &WorkerConfig,
     shared: Arc<Shared>,
     fuse_fd: OwnedFd,
-) -> Result<(LodeFs, Arc<BlobCache>)> {
+) -> Result<(LodeFs, Arc<BlobCache>, Arc<FetchStats>)> {
     let m = &cfg.mount;
     let cache = BlobCache::open(&m.cache_dir)?;
     let backend = blob_backend(m)?;
@@ -153,7 +172,7 @@ fn open_fs(
             passthrough_min_size: cfg.mount.passthrough_min_size,
         },
     );
-    Ok((fs, cache))
+    Ok((fs, cache, stats))
 }
 
 /// A fuser session reading from `fuse_fd`, which was initialised by someone else.

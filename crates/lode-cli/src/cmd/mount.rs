@@ -4,8 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
+    /// The best lazy mode this machine supports: fanotify where the kernel has pre-content
+    /// events (and the cache fs takes the marks), else cachefiles on-demand where
+    /// /dev/cachefiles works, else FUSE. The choice is printed.
+    Auto,
     /// Kernel EROFS, file-backed, every blob already local; no daemon.
     Local,
     /// Kernel EROFS over sparse cache files marked for fanotify pre-content events: each
@@ -28,7 +32,7 @@ pub struct Args {
     /// Mount point (an existing directory).
     pub mountpoint: PathBuf,
     /// How the image is served.
-    #[arg(long, value_enum, default_value_t = Mode::Local)]
+    #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
     /// Where uncompressed blob data is kept.
     #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
@@ -53,8 +57,45 @@ pub struct Args {
     pub passthrough_min_size: u64,
 }
 
-pub fn run(args: Args) -> Result<()> {
+/// Why each lazy mode can or cannot be used here, best first.
+fn choose_mode(cache_dir: &std::path::Path) -> (Mode, String) {
+    use lode_fanotify::abi::{FAN_CLASS_PRE_CONTENT, FAN_CLOEXEC};
+    let _ = std::fs::create_dir_all(cache_dir);
+    let fanotify = lode_fanotify::sys::fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC, 0)
+        .map_err(|e| format!("no fanotify pre-content events ({e}; Linux 6.14+ needed)"))
+        .and_then(|_| lode_fanotify::check_cache_fs(cache_dir).map_err(|e| format!("{e:#}")));
+    if fanotify.is_ok() {
+        return (
+            Mode::Fanotify,
+            "fanotify pre-content events are available".into(),
+        );
+    }
+    let fanotify_why = fanotify.unwrap_err();
+    // EBUSY: held by a daemon already (ours serves every fscache mount), so it works.
+    let cachefiles = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/cachefiles");
+    if cachefiles.is_ok() || cachefiles.is_err_and(|e| e.raw_os_error() == Some(16)) {
+        return (
+            Mode::Fscache,
+            format!("{fanotify_why}; /dev/cachefiles is available"),
+        );
+    }
+    (
+        Mode::Fuse,
+        format!("{fanotify_why}; no usable /dev/cachefiles"),
+    )
+}
+
+pub fn run(mut args: Args) -> Result<()> {
+    if args.mode == Mode::Auto {
+        let (mode, why) = choose_mode(&args.cache_dir);
+        eprintln!("lode: --mode auto chose {mode:?}: {why}");
+        args.mode = mode;
+    }
     match args.mode {
+        Mode::Auto => unreachable!("resolved above"),
         Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint, &args.cache_dir)?,
         Mode::Fanotify => super::fanotify::mount(super::fanotify::MountOptions {
             image: &args.image,

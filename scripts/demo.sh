@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # The main job on an embedded default: build a lode image from a local tree (default
-# /usr/share/doc), inspect it, mount it with the kernel's EROFS driver, check the mount
-# matches the source, and unmount. Everything it makes is removed on exit.
+# /usr/share/doc), serve it LAZILY (`lode mount`, --mode auto: fanotify on Linux 6.14+,
+# else cachefiles, else FUSE) from a cold cache, run a small workload on it, and show what
+# was fetched against the image size; then read everything, check the mount matches the
+# source exactly, and unmount. Everything it makes is removed on exit.
 #
 #   scripts/demo.sh [TREE]
 set -euo pipefail
@@ -14,7 +16,7 @@ tree=${1:-/usr/share/doc}
 
 scripts/setup.sh
 cargo build --release --quiet -p lode-cli
-lode=target/release/lode
+lode=$PWD/target/release/lode
 
 tmp=$(mktemp -d /var/tmp/lode-demo.XXXXXX)
 mnt="$tmp/mnt"
@@ -28,14 +30,32 @@ echo "== lode build $tree"
 "$lode" build "$tree" -o "$tmp/img"
 echo
 echo "== lode inspect"
-"$lode" inspect "$tmp/img"
+"$lode" inspect "$tmp/img" | head -20
 echo
-echo "== lode mount --mode local (kernel EROFS, file-backed, blobs as device=)"
+echo "== lode mount (lazy, empty cache)"
 mkdir "$mnt"
-"$lode" mount "$tmp/img" "$mnt" --mode local
-grep " $mnt " /proc/mounts
+"$lode" mount "$tmp/img" "$mnt" --cache-dir "$tmp/cache"
+stats=$(ls /run/lode/mounts/*.stats 2>/dev/null | xargs -r grep -l "\"$mnt\"" | head -1 || true)
+show_stats() {
+  [ -n "$stats" ] || { "$lode" cache ls --cache-dir "$tmp/cache"; return; }
+  sleep 0.5
+  python3 - "$stats" <<'PY'
+import json, sys
+s = json.load(open(sys.argv[1]))
+f = s["fetch"]
+print(f"  fetched {f['bytes_fetched']/1e6:.2f} MB in {f['requests']} requests "
+      f"({100*f['bytes_fetched']/max(1,s['blob_bytes']):.1f}% of the image's {s['blob_bytes']/1e6:.1f} MB of blobs); "
+      f"chunks cached {s['chunks_present']}/{s['chunks']}")
+PY
+}
+echo "right after mount:"; show_stats
 echo
-echo "== the mount matches the source tree (contents, modes, owners, times, links):"
+echo "== workload: list everything, read the first 50 files"
+mapfile -t files < <(find "$mnt" -type f | sort | head -50)
+cat "${files[@]}" > /dev/null
+echo "$(find "$mnt" | wc -l) entries listed"; show_stats
+echo
+echo "== read everything and compare with the source (contents, modes, owners, times, links)"
 if diff -r --no-dereference "$tree" "$mnt" >/dev/null \
    && diff <(cd "$tree" && find . -printf '%p %M %U %G %T@ %l\n' | sort) \
            <(cd "$mnt" && find . -printf '%p %M %U %G %T@ %l\n' | sort) >/dev/null; then
@@ -44,6 +64,8 @@ else
   echo "DIFFERENT" >&2
   exit 1
 fi
-df -h "$mnt" | tail -1
+show_stats
+echo
+"$lode" cache ls --cache-dir "$tmp/cache"
 "$lode" umount "$mnt"
 echo "unmounted"

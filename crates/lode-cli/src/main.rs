@@ -47,18 +47,18 @@ enum Command {
     FscacheDaemon(cmd::fscache_daemon::Args),
     /// Extract the whole tree with ownership, modes, xattrs, times, hard links and holes.
     Unpack(cmd::unpack::Args),
-    /// Internal: the FUSE supervisor started by `lode mount --mode fuse`.
-    #[command(name = "__fuse-supervisor", hide = true)]
-    FuseSupervisor,
-    /// Internal: a FUSE worker started by the supervisor.
-    #[command(name = "__fuse-worker", hide = true)]
-    FuseWorker,
     /// Internal: the supervisor of a `lode mount --mode fanotify` mount.
     #[command(name = "__fanotify-supervisor", hide = true)]
     FanotifySupervisor(cmd::fanotify::SupervisorArgs),
     /// Internal: a fanotify worker started by its supervisor.
     #[command(name = "__fanotify-worker", hide = true)]
     FanotifyWorker(cmd::fanotify::WorkerArgs),
+    /// Internal: the FUSE supervisor started by `lode mount --mode fuse`.
+    #[command(name = "__fuse-supervisor", hide = true)]
+    FuseSupervisor,
+    /// Internal: a FUSE worker started by the supervisor.
+    #[command(name = "__fuse-worker", hide = true)]
+    FuseWorker,
 }
 
 fn main() {
@@ -76,10 +76,10 @@ fn main() {
         Command::Cat(args) => cmd::cat::run(args),
         Command::FscacheDaemon(args) => cmd::fscache_daemon::run(args),
         Command::Unpack(args) => cmd::unpack::run(args),
-        Command::FuseSupervisor => lode_fuse::supervisor::main(),
-        Command::FuseWorker => lode_fuse::worker::main(),
         Command::FanotifySupervisor(args) => cmd::fanotify::supervisor(args),
         Command::FanotifyWorker(args) => cmd::fanotify::worker(args),
+        Command::FuseSupervisor => lode_fuse::supervisor::main(),
+        Command::FuseWorker => lode_fuse::worker::main(),
     };
     if let Err(err) = result {
         // `lode cat … | head` is not an error worth reporting.

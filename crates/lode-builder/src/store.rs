@@ -242,6 +242,10 @@ impl ChunkStore {
             uncompressed_size,
         );
         w.write(&table)?;
+        let table_digest = format!(
+            "blake3:{}",
+            blake3::hash(&table[..table.len() - lode_format::blob::BLOB_TRAILER_SIZE]).to_hex()
+        );
         let hex = hex::encode(w.sha.finalize());
         let path = self.dir.join(&hex);
         let (writer, tmp_path) = w.tmp.into_parts();
@@ -261,6 +265,7 @@ impl ChunkStore {
             compression: self.compression,
             table_offset,
             chunk_count: w.entries.len() as u64,
+            table_digest,
         });
         Ok(())
     }

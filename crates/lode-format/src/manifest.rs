@@ -41,12 +41,35 @@ pub struct DataBlob {
     /// Where the chunk table starts in the remote form; it runs to 64 bytes before the end.
     pub table_offset: u64,
     pub chunk_count: u64,
+    /// `blake3:<hex>` of the chunk table (its entries, without the trailer). The manifest is
+    /// verified (registry digest chain, or a local file), so this anchors every chunk digest:
+    /// a range-fetched table that does not match is refused.
+    #[serde(default)]
+    pub table_digest: String,
 }
 
 impl DataBlob {
     /// The hex part of the digest: the blob's file name and its device-table tag.
     pub fn hex(&self) -> &str {
         self.digest.strip_prefix("sha256:").unwrap_or(&self.digest)
+    }
+
+    /// Checks chunk-table bytes (entries, without the trailer) against [`Self::table_digest`].
+    pub fn verify_table(&self, table: &[u8]) -> Result<(), String> {
+        let got = format!("blake3:{}", blake3::hash(table).to_hex());
+        if self.table_digest.is_empty() {
+            return Err(format!(
+                "blob {}: the image manifest has no chunk-table digest (rebuild the image)",
+                self.digest
+            ));
+        }
+        if got != self.table_digest {
+            return Err(format!(
+                "blob {}: chunk table digest {got} does not match the image manifest's {}",
+                self.digest, self.table_digest
+            ));
+        }
+        Ok(())
     }
 
     /// The remote form doubles as the uncompressed layout (it is uncompressed).

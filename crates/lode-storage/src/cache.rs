@@ -22,7 +22,7 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use lode_format::blob::{BlobTrailer, ChunkTable, BLOB_BLOCK_SIZE, BLOB_TRAILER_SIZE};
+use lode_format::blob::{ChunkTable, BLOB_BLOCK_SIZE, BLOB_TRAILER_SIZE};
 use lode_format::manifest::DataBlob;
 use rustix::fs::{FlockOperation, Mode, OFlags, XattrFlags};
 use zerocopy::little_endian::{U32, U64};
@@ -358,20 +358,7 @@ impl Drop for BlobCache {
 }
 
 fn parse_table_bytes(blob: &DataBlob, bytes: &[u8]) -> Result<ChunkTable> {
-    if bytes.len() < BLOB_TRAILER_SIZE {
-        bail!("blob {}: chunk table too short", blob.digest);
-    }
-    let (table, trailer) = bytes.split_at(bytes.len() - BLOB_TRAILER_SIZE);
-    let trailer =
-        BlobTrailer::parse(trailer, blob.size).with_context(|| format!("blob {}", blob.digest))?;
-    let t = ChunkTable::parse(&trailer, table).with_context(|| format!("blob {}", blob.digest))?;
-    if t.uncompressed_size != blob.uncompressed_size || t.entries.len() as u64 != blob.chunk_count {
-        bail!(
-            "blob {}: chunk table does not match the image manifest",
-            blob.digest
-        );
-    }
-    Ok(t)
+    Ok(crate::chunks::parse_table(blob, bytes)?)
 }
 
 fn bitmap_len(chunks: usize) -> usize {

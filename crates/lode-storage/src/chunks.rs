@@ -35,41 +35,57 @@ impl From<ChunkError> for io::Error {
 
 /// Reads the chunk table of a remote-form blob of `size` bytes.
 pub fn read_table(src: &dyn ReadAt, blob: &DataBlob) -> Result<ChunkTable, ChunkError> {
-    let name = || blob.digest.clone();
-    let io_err = |source| ChunkError::Io {
-        blob: name(),
-        source,
-    };
-    if blob.size < BLOB_TRAILER_SIZE as u64 {
-        return Err(ChunkError::Chunk {
-            blob: name(),
-            blkaddr: 0,
-            what: format!("{} bytes is too short for a lode blob", blob.size),
-        });
-    }
-    let mut tb = [0u8; BLOB_TRAILER_SIZE];
-    src.read_exact_at(&mut tb, blob.size - BLOB_TRAILER_SIZE as u64)
-        .map_err(io_err)?;
-    let fmt = |source| ChunkError::Format {
-        blob: name(),
-        source,
-    };
-    let trailer = BlobTrailer::parse(&tb, blob.size).map_err(fmt)?;
-    let mut table = vec![0u8; trailer.table_len() as usize];
-    src.read_exact_at(&mut table, trailer.table_offset.get())
-        .map_err(io_err)?;
-    let table = ChunkTable::parse(&trailer, &table).map_err(fmt)?;
-    if table.uncompressed_size != blob.uncompressed_size {
-        return Err(ChunkError::Chunk {
-            blob: name(),
+    let len = blob
+        .size
+        .checked_sub(blob.table_offset)
+        .filter(|&l| l >= BLOB_TRAILER_SIZE as u64 && l <= (1 << 32))
+        .ok_or_else(|| ChunkError::Chunk {
+            blob: blob.digest.clone(),
             blkaddr: 0,
             what: format!(
-                "table says {} uncompressed bytes, the image manifest {}",
-                table.uncompressed_size, blob.uncompressed_size
+                "table offset {} does not fit a blob of {} bytes",
+                blob.table_offset, blob.size
             ),
-        });
+        })?;
+    let mut bytes = vec![0u8; len as usize];
+    src.read_exact_at(&mut bytes, blob.table_offset)
+        .map_err(|source| ChunkError::Io {
+            blob: blob.digest.clone(),
+            source,
+        })?;
+    parse_table(blob, &bytes)
+}
+
+/// Parses and checks a blob's chunk table followed by its trailer (the last
+/// `size - table_offset` bytes of the remote form) against the image manifest: the table's
+/// digest, its trailer, its size and chunk count must all match.
+pub fn parse_table(blob: &DataBlob, bytes: &[u8]) -> Result<ChunkTable, ChunkError> {
+    let bad = |what: String| ChunkError::Chunk {
+        blob: blob.digest.clone(),
+        blkaddr: 0,
+        what,
+    };
+    if bytes.len() < BLOB_TRAILER_SIZE {
+        return Err(bad("chunk table too short".into()));
     }
-    Ok(table)
+    let (table, trailer) = bytes.split_at(bytes.len() - BLOB_TRAILER_SIZE);
+    blob.verify_table(table).map_err(bad)?;
+    let fmt = |source| ChunkError::Format {
+        blob: blob.digest.clone(),
+        source,
+    };
+    let trailer = BlobTrailer::parse(trailer, blob.size).map_err(fmt)?;
+    let t = ChunkTable::parse(&trailer, table).map_err(fmt)?;
+    if t.uncompressed_size != blob.uncompressed_size || t.entries.len() as u64 != blob.chunk_count {
+        return Err(bad(format!(
+            "chunk table ({} chunks, {} bytes) does not match the image manifest ({} chunks, {} bytes)",
+            t.entries.len(),
+            t.uncompressed_size,
+            blob.chunk_count,
+            blob.uncompressed_size
+        )));
+    }
+    Ok(t)
 }
 
 /// Turns a chunk's payload into its verified uncompressed bytes.

@@ -362,7 +362,11 @@ fn kill_9_never_leaves_a_claimed_chunk_missing() {
     for round in 0..6u64 {
         let _ = std::fs::remove_dir_all(dir.join("cache"));
         let mut child = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "kill_9_never_leaves_a_claimed_chunk_missing", "--nocapture"])
+            .args([
+                "--exact",
+                "kill_9_never_leaves_a_claimed_chunk_missing",
+                "--nocapture",
+            ])
             .env("LODE_CRASH_DIR", &dir)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -474,4 +478,24 @@ fn size_limit_evicts_unused_blobs_only() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(cache.stats.blobs_evicted.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_forged_chunk_table_is_refused() {
+    // A source that serves a different (self-consistent) table than the manifest names must
+    // not be trusted: the manifest's table digest anchors every chunk digest.
+    let fx = fixture();
+    let mut blob = fx.blob().clone();
+    blob.table_digest = format!("blake3:{}", blake3::hash(b"another table").to_hex());
+    let cache = BlobCache::open(&fx.img.join("cache")).unwrap();
+    let err = BlobFetcher::open(
+        &cache,
+        TestBackend::new(&fx.blobs_dir()),
+        &blob,
+        opts(),
+        Default::default(),
+    )
+    .err()
+    .expect("a forged table must be refused");
+    assert!(format!("{err:#}").contains("chunk table digest"), "{err:#}");
 }

@@ -62,7 +62,17 @@ impl MountGuard {
     /// detached lazily anyway, so nothing is leaked).
     pub fn unmount(mut self) -> io::Result<()> {
         self.armed = false;
-        match rustix::mount::unmount(&self.path, UnmountFlags::empty()) {
+        // A process that just left the mount (a child of another test, a short-lived
+        // scanner) can keep it busy for a moment: retry EBUSY briefly.
+        let mut result = rustix::mount::unmount(&self.path, UnmountFlags::empty());
+        for _ in 0..40 {
+            if result != Err(rustix::io::Errno::BUSY) {
+                break;
+            }
+            sleep(Duration::from_millis(50));
+            result = rustix::mount::unmount(&self.path, UnmountFlags::empty());
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(e) => {
                 let _ = rustix::mount::unmount(&self.path, UnmountFlags::DETACH);

@@ -551,7 +551,12 @@ enum Close {
 }
 
 /// Writes `bytes` as if through a link of `bandwidth` bytes/s shared by every connection.
-fn send_paced(out: &mut impl Write, bytes: &[u8], bandwidth: u64, shared: &Shared) -> io::Result<()> {
+fn send_paced(
+    out: &mut impl Write,
+    bytes: &[u8],
+    bandwidth: u64,
+    shared: &Shared,
+) -> io::Result<()> {
     if bandwidth == 0 {
         return out.write_all(bytes);
     }

@@ -35,10 +35,7 @@ pub fn tar_gz<N: AsRef<std::ffi::OsStr>>(dir: &Path, names: &[N], out: &Path) {
     }
     run(&mut cmd);
     let gz = std::fs::File::create(out).expect("create layer");
-    run(Command::new("gzip")
-        .args(["-n", "-c"])
-        .arg(&tar)
-        .stdout(gz));
+    run(Command::new("gzip").args(["-n", "-c"]).arg(&tar).stdout(gz));
     std::fs::remove_file(&tar).expect("remove plain tar");
 }
 
@@ -86,8 +83,11 @@ pub fn write_layout(layout: &Path, tag: &str, layers: &[PathBuf]) {
         "annotations": {"org.opencontainers.image.ref.name": tag}
     }]});
     std::fs::write(layout.join("index.json"), index.to_string()).expect("index.json");
-    std::fs::write(layout.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)
-        .expect("oci-layout");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
 }
 
 /// `skopeo copy oci:LAYOUT:TAG docker://DEST` to a plain-HTTP registry.

@@ -82,12 +82,29 @@ fn mount_local(img: &Path, mnt: &Path) -> MountGuard {
     MountGuard::new(mnt)
 }
 
+/// Unmounts, retrying while the mount is transiently busy (a closed file's last reference can
+/// be dropped a little later than the close).
+fn unmount(guard: MountGuard) {
+    let path = guard.path().to_path_buf();
+    for _ in 0..100 {
+        match rustix::mount::unmount(&path, rustix::mount::UnmountFlags::empty()) {
+            Ok(()) => {
+                guard.disarm();
+                return;
+            }
+            Err(rustix::io::Errno::BUSY) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => panic!("umount {path:?}: {e}"),
+        }
+    }
+    guard.unmount().unwrap();
+}
+
 /// Mounts `img` and compares it with `expected`.
 fn check_mount(img: &Path, expected: &Path, opts: &CompareOptions) {
     let mnt = img.with_extension("mnt");
     let guard = mount_local(img, &mnt);
     assert_same_tree_with(expected, &mnt, opts);
-    guard.unmount().unwrap();
+    unmount(guard);
 }
 
 /// `fsck.erofs` must accept the image (blobs expanded by the local mount's cache).
@@ -718,7 +735,7 @@ fn hostile_names_are_normalized_or_rejected() {
             "{d:?}"
         );
     }
-    guard.unmount().unwrap();
+    unmount(guard);
 
     long.push('n');
     let bad: Vec<(Vec<u8>, Vec<&str>)> = vec![
@@ -905,7 +922,7 @@ fn ids_times_devices_xattrs_and_links_from_raw_headers() {
         fs::read(mnt.join("to-dir/in")).unwrap(),
         b"then a directory"
     );
-    guard.unmount().unwrap();
+    unmount(guard);
 
     // Duplicates: the last entry of a path wins.
     let dups = RawTar::new()
@@ -916,7 +933,7 @@ fn ids_times_devices_xattrs_and_links_from_raw_headers() {
     build(&[&dups], &img2, &[]);
     let guard = mount_local(&img2, &w.join("mnt2"));
     assert_eq!(fs::read(w.join("mnt2/dup")).unwrap(), b"second wins");
-    guard.unmount().unwrap();
+    unmount(guard);
 
     let mut huge_uid = RawTar::header(T::Regular, b"huge-uid", 0);
     huge_uid.set_uid(5_000_000_000);

@@ -298,6 +298,8 @@ fn load_chunk_dict(dir: &Path, store: &mut store::ChunkStore) -> Result<Vec<Dict
             let trailer = BlobTrailer::parse(&tb, len)?;
             let mut table = vec![0u8; trailer.table_len() as usize];
             f.read_exact_at(&mut table, trailer.table_offset.get())?;
+            // The table must be the one image.json names (as lode-storage insists too).
+            blob.verify_table(&table).map_err(anyhow::Error::msg)?;
             let table = ChunkTable::parse(&trailer, &table)?;
             ensure!(
                 table.uncompressed_size == blob.uncompressed_size,

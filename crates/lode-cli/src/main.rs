@@ -22,7 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Build an image directory (bootstrap, blobs, image.json) from a directory tree.
+    /// Build an image directory (bootstrap, blobs, image.json) from a directory tree, OCI layer
+    /// tarballs (applied in order) or an OCI image layout.
     Build(cmd::build::Args),
     /// Mount an image.
     Mount(cmd::mount::Args),

@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use lode_fanotify::{side_path, Spec};
 use lode_mount::runtime;
-use lode_registry::ClientOptions;
 use lode_storage::cache::BlobCache;
 use lode_storage::image::{open_image, ImageSource, SourceOptions};
 
@@ -16,24 +15,6 @@ use super::registry::RegistryArgs;
 /// every event (the kernel's wait is not exclusive), so few: misses are filled on threads of
 /// their own, readers only answer cached ranges.
 const READER_THREADS: usize = 2;
-
-fn client_options(r: &RegistryArgs) -> Result<ClientOptions> {
-    let credentials = match &r.creds {
-        Some(c) => {
-            let (u, p) = c.split_once(':').context("--creds must be USER:PASSWORD")?;
-            Some((u.to_string(), p.to_string()))
-        }
-        None => None,
-    };
-    Ok(ClientOptions {
-        plain_http: r.plain_http,
-        insecure_tls: r.insecure_tls,
-        credentials,
-        docker_config: r.auth_file.clone(),
-        retries: r.retries,
-        ..Default::default()
-    })
-}
 
 /// The registry options as worker arguments (credentials travel in the environment).
 fn registry_argv(r: &RegistryArgs) -> Vec<String> {
@@ -92,7 +73,7 @@ pub fn mount(o: MountOptions<'_>) -> Result<()> {
         other => other.to_string(),
     };
     let opts = SourceOptions {
-        registry: client_options(o.registry)?,
+        registry: o.registry.client_options()?,
         ..Default::default()
     };
     let cache = BlobCache::open(&cache_dir)?;
@@ -200,7 +181,7 @@ pub fn worker(args: WorkerArgs) -> Result<()> {
         journal_fd: args.journal_fd,
         data_fds: args.data_fds,
         source: SourceOptions {
-            registry: client_options(&args.registry)?,
+            registry: args.registry.client_options()?,
             ..Default::default()
         },
     })

@@ -114,13 +114,7 @@ pub fn run(mut args: Args) -> Result<()> {
 fn fuse_mount(args: &Args) -> Result<()> {
     use anyhow::Context;
     let r = &args.registry;
-    let credentials = match &r.creds {
-        Some(c) => {
-            let (u, p) = c.split_once(':').context("--creds must be USER:PASSWORD")?;
-            Some((u.to_string(), p.to_string()))
-        }
-        None => None,
-    };
+    let credentials = r.credentials()?;
     let image = args
         .image
         .to_str()
@@ -185,15 +179,7 @@ pub fn umount(args: UmountArgs) -> Result<()> {
 
 fn fscache_mount(args: &Args) -> Result<()> {
     let r = &args.registry;
-    let credentials = match &r.creds {
-        Some(c) => {
-            let (u, p) = c
-                .split_once(':')
-                .ok_or_else(|| anyhow::anyhow!("--creds must be USER:PASSWORD"))?;
-            Some((u.to_string(), p.to_string()))
-        }
-        None => None,
-    };
+    let credentials = r.credentials()?;
     lode_cachefiles::client::mount(&lode_cachefiles::client::MountRequest {
         image: args.image.to_string_lossy().into_owned(),
         mountpoint: args.mountpoint.clone(),

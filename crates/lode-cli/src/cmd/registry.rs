@@ -32,22 +32,30 @@ pub struct RegistryArgs {
 }
 
 impl RegistryArgs {
-    pub fn client(&self) -> Result<RegistryClient> {
-        let credentials = match &self.creds {
-            Some(c) => {
+    /// `--creds USER:PASSWORD`, split.
+    pub fn credentials(&self) -> Result<Option<(String, String)>> {
+        self.creds
+            .as_deref()
+            .map(|c| {
                 let (u, p) = c.split_once(':').context("--creds must be USER:PASSWORD")?;
-                Some((u.to_string(), p.to_string()))
-            }
-            None => None,
-        };
-        Ok(RegistryClient::new(ClientOptions {
+                Ok((u.to_string(), p.to_string()))
+            })
+            .transpose()
+    }
+
+    pub fn client_options(&self) -> Result<ClientOptions> {
+        Ok(ClientOptions {
             plain_http: self.plain_http,
             insecure_tls: self.insecure_tls,
-            credentials,
+            credentials: self.credentials()?,
             docker_config: self.auth_file.clone(),
             retries: self.retries,
             ..Default::default()
-        })?)
+        })
+    }
+
+    pub fn client(&self) -> Result<RegistryClient> {
+        Ok(RegistryClient::new(self.client_options()?)?)
     }
 }
 

@@ -3,18 +3,13 @@
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
-use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use lode_mount::runtime::{self, MountRecord};
-use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, FsMountFlags, FsOpenFlags,
-    MountAttrFlags, MoveMountFlags,
-};
 
 use crate::control::{self, ImageSpec, RegistryOpts, Request, RunDir, TestHooks, DOMAIN};
 
@@ -231,55 +226,13 @@ fn log_tail(path: &Path, from: u64) -> String {
 /// new mount API. Blocks until the daemon has answered the OPENs and first READs, so it must
 /// never run on the thread serving `/dev/cachefiles` (here it is another process).
 pub fn mount_fscache(fsid: &str, domain: &str, target: &Path) -> Result<()> {
-    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| {
-        anyhow!("the kernel has no EROFS support (fsopen erofs: {e}); try `modprobe erofs`")
-    })?;
-    let step = |what: &str, r: rustix::io::Result<()>| -> Result<()> {
-        r.map_err(|e| anyhow!("{what}: {e}{}", kernel_log(&fs)))
-    };
-    step("source", fsconfig_set_string(fs.as_fd(), "source", "lode"))?;
-    step(
-        &format!("fsid={fsid}"),
-        fsconfig_set_string(fs.as_fd(), "fsid", fsid),
-    )?;
-    step(
-        &format!("domain_id={domain}"),
-        fsconfig_set_string(fs.as_fd(), "domain_id", domain),
-    )?;
-    step("mounting", fsconfig_create(fs.as_fd()))?;
-    let mnt = fsmount(
-        fs.as_fd(),
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
-    )
-    .map_err(|e| anyhow!("fsmount: {e}{}", kernel_log(&fs)))?;
-    move_mount(
-        mnt.as_fd(),
-        "",
-        rustix::fs::CWD,
+    use std::ffi::OsStr;
+    lode_mount::kernel::mount_erofs(
+        &[
+            ("source", OsStr::new("lode")),
+            ("fsid", OsStr::new(fsid)),
+            ("domain_id", OsStr::new(domain)),
+        ],
         target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
     )
-    .with_context(|| format!("attaching the mount at {}", target.display()))
-}
-
-/// Messages the kernel left in a filesystem context, as a suffix.
-fn kernel_log(fs: &OwnedFd) -> String {
-    let mut out = String::new();
-    let Ok(dup) = fs.try_clone() else {
-        return out;
-    };
-    let mut file = File::from(dup);
-    let mut buf = [0u8; 1024];
-    for _ in 0..16 {
-        match file.read(&mut buf) {
-            Ok(n) if n > 0 => {
-                out.push_str(" [kernel: ");
-                out.push_str(String::from_utf8_lossy(&buf[..n]).trim());
-                out.push(']');
-            }
-            _ => break,
-        }
-    }
-    out
 }

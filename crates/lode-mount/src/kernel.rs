@@ -20,42 +20,43 @@ pub struct ErofsMount {
 impl ErofsMount {
     /// Mounts read-only at `target`.
     pub fn mount(&self, target: &Path) -> Result<()> {
-        let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| {
-            anyhow!("the kernel has no EROFS support (fsopen erofs: {e}); try `modprobe erofs`")
-        })?;
-        let step = |what: &str, r: rustix::io::Result<()>| -> Result<()> {
-            r.map_err(|e| anyhow!("{what}: {e}{}", kernel_log(&fs)))
-        };
-        step(
-            &format!("source {}", self.bootstrap.display()),
-            fsconfig_set_string(fs.as_fd(), "source", &self.bootstrap),
-        )?;
-        for dev in &self.devices {
-            step(
-                &format!("device {}", dev.display()),
-                fsconfig_set_string(fs.as_fd(), "device", dev),
-            )?;
-        }
-        step(
-            &format!("mounting {}", self.bootstrap.display()),
-            fsconfig_create(fs.as_fd()),
-        )?;
-        let mnt = fsmount(
-            fs.as_fd(),
-            FsMountFlags::FSMOUNT_CLOEXEC,
-            MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
-        )
-        .map_err(|e| anyhow!("fsmount: {e}{}", kernel_log(&fs)))?;
-        move_mount(
-            mnt.as_fd(),
-            "",
-            rustix::fs::CWD,
-            target,
-            MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-        )
-        .with_context(|| format!("attaching the mount at {}", target.display()))?;
-        Ok(())
+        let mut options = vec![("source", self.bootstrap.as_os_str())];
+        options.extend(self.devices.iter().map(|d| ("device", d.as_os_str())));
+        mount_erofs(&options, target)
     }
+}
+
+/// Mounts EROFS read-only (and nodev) at `target` with the given `fsconfig` string options,
+/// in order (`source`, `device`, `fsid`, `domain_id`, …); a failure carries the kernel's own
+/// messages.
+pub fn mount_erofs(options: &[(&str, &std::ffi::OsStr)], target: &Path) -> Result<()> {
+    let fs = fsopen("erofs", FsOpenFlags::FSOPEN_CLOEXEC).map_err(|e| {
+        anyhow!("the kernel has no EROFS support (fsopen erofs: {e}); try `modprobe erofs`")
+    })?;
+    let step = |what: &str, r: rustix::io::Result<()>| -> Result<()> {
+        r.map_err(|e| anyhow!("{what}: {e}{}", kernel_log(&fs)))
+    };
+    for (key, value) in options {
+        step(
+            &format!("{key}={}", value.to_string_lossy()),
+            fsconfig_set_string(fs.as_fd(), *key, *value),
+        )?;
+    }
+    step("mounting", fsconfig_create(fs.as_fd()))?;
+    let mnt = fsmount(
+        fs.as_fd(),
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY | MountAttrFlags::MOUNT_ATTR_NODEV,
+    )
+    .map_err(|e| anyhow!("fsmount: {e}{}", kernel_log(&fs)))?;
+    move_mount(
+        mnt.as_fd(),
+        "",
+        rustix::fs::CWD,
+        target,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .with_context(|| format!("attaching the mount at {}", target.display()))
 }
 
 /// The messages the kernel left in a filesystem context, formatted as a suffix.

@@ -49,6 +49,12 @@ BASE_PACKAGES=(
   zstd            # zstd CLI: zstd-compressed layer tarballs (tests, bench/convert.sh)
   tar             # GNU tar: layer tarballs (pax/gnu/sparse/xattrs) and reference extraction
   gzip            # gzip-compressed layer tarballs
+  podman          # bench/run: `podman run --rootfs` on a lazy mount
+  iputils-ping    # bench/run: verifies the shaped link's RTT
+  iproute2        # bench/run: network namespace, tc
+  strace          # bench/run: the workload's file trace (prefetch list)
+  curl            # bench/run: verifies the shaped link's throughput
+  bc              # benchmark scripts' arithmetic
 )
 
 installed() { [[ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true)" == *"install ok installed"* ]]; }
@@ -179,6 +185,16 @@ pip_install() {
   fi
 }
 
+# bench/run's plots (matplotlib for the python3 on PATH).
+install_bench_python() {
+  if ! python3 -c 'import matplotlib' >/dev/null 2>&1; then
+    python3 -m pip --version >/dev/null 2>&1 || { apt_update_once; apt_install python3-pip; }
+    log "installing matplotlib (pip)"
+    pip_install matplotlib
+  fi
+  log "bench plots: matplotlib $(python3 -c 'import matplotlib; print(matplotlib.__version__)')"
+}
+
 install_backend_test_servers() {
   command -v busybox >/dev/null || { apt_update_once; apt_install busybox; }
   command -v python3 >/dev/null || { apt_update_once; apt_install python3; }
@@ -198,4 +214,5 @@ load_modules
 check_rust
 [ "$want_vm" = 0 ] || setup_vm
 install_backend_test_servers
+install_bench_python
 log "done"

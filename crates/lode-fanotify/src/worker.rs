@@ -17,7 +17,7 @@ use lode_storage::backend::local::LocalDirBackend;
 use lode_storage::backend::registry::{backend_client_options, RegistryBackend};
 use lode_storage::backend::Backend;
 use lode_storage::cache::BlobCache;
-use lode_storage::fetch::{BlobFetcher, FetchStats, PrefetchLimits};
+use lode_storage::fetch::{prefetch_extents, BlobFetcher, FetchStats, PrefetchLimits};
 use lode_storage::image::{ImageSource, SourceOptions};
 use tracing::{debug, error, info, warn};
 
@@ -615,13 +615,8 @@ impl Served {
         loop {
             let mut failed = None;
             // The image's prefetch list first, in its order; then, if asked, everything.
-            for ext in &self.spec.manifest.prefetch {
-                let Some(f) = self.fetchers.get(ext.blob as usize) else {
-                    continue;
-                };
-                if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), &limits) {
-                    failed = Some(e.to_string());
-                }
+            if let Err(e) = prefetch_extents(&self.fetchers, &self.spec.manifest.prefetch, &limits) {
+                failed = Some(e.to_string());
             }
             if self.spec.prefetch_all {
                 for f in &self.fetchers {

@@ -466,6 +466,30 @@ fn chunk_end(e: &ChunkEntry) -> u64 {
     chunk_start(e) + (e.uncompressed_len.get() as u64).next_multiple_of(BLOB_BLOCK_SIZE)
 }
 
+/// Fetches an image's prefetch list (extents of its blobs, in list order) into the cache,
+/// yielding to foreground fetches. Extents naming a blob not in `fetchers` are skipped. Goes
+/// on past a failure; returns the last one.
+pub fn prefetch_extents(
+    fetchers: &[Arc<BlobFetcher>],
+    list: &[lode_format::manifest::PrefetchExtent],
+    limits: &PrefetchLimits,
+) -> Result<(), FetchError> {
+    let mut failed = Ok(());
+    for ext in list {
+        let Some(f) = fetchers.get(ext.blob as usize) else {
+            tracing::warn!(
+                blob = ext.blob,
+                "prefetch list names a blob the image does not have"
+            );
+            continue;
+        };
+        if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), limits) {
+            failed = Err(e);
+        }
+    }
+    failed
+}
+
 /// Bandwidth limit shared by background prefetchers (a token bucket; 0 = unlimited).
 #[derive(Debug, Default)]
 pub struct PrefetchLimits {

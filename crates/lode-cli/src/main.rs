@@ -29,6 +29,10 @@ enum Command {
     Mount(cmd::mount::Args),
     /// Unmount an image mounted by `lode mount`.
     Umount(cmd::mount::UmountArgs),
+    /// Show mounts with their mode, image, state and counters (fetched bytes, requests, …).
+    Status(cmd::mount::StatusArgs),
+    /// Run the node service: owns mounts, serves the HTTP API and /metrics on a unix socket.
+    Daemon(cmd::daemon::Args),
     /// Push an image directory to an OCI registry.
     Push(cmd::registry::PushArgs),
     /// Pull an image from an OCI registry (metadata only unless --all).
@@ -68,6 +72,8 @@ fn main() {
         Command::Build(args) => cmd::build::run(args),
         Command::Mount(args) => cmd::mount::run(args),
         Command::Umount(args) => cmd::mount::umount(args),
+        Command::Status(args) => cmd::mount::status(args),
+        Command::Daemon(args) => cmd::daemon::run(args),
         Command::Push(args) => cmd::registry::push(args),
         Command::Pull(args) => cmd::registry::pull(args),
         Command::Convert(args) => cmd::convert::run(args),

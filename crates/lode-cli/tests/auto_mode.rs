@@ -45,6 +45,6 @@ fn auto_mode_chooses_fanotify_here_and_serves_the_image() {
         }
     }
     let _umount = Umount(&mnt);
-    assert!(stderr.contains("--mode auto chose Fanotify"), "{stderr}");
+    assert!(stderr.contains("--mode auto chose fanotify"), "{stderr}");
     assert_same_tree(&src, &mnt);
 }

@@ -37,7 +37,9 @@
 //!   settle the journal (below), mark itself ready, then 2 reader threads (answer cached
 //!   ranges, start a fill thread per miss), a stats thread, and the background prefetch
 //!   (the image's prefetch list, then everything with `--prefetch-all`; foreground misses
-//!   overtake it).
+//!   overtake it). With `--record-trace` it records every event's range as image paths
+//!   and writes the trace on SIGTERM, which the supervisor sends before SIGKILL when it
+//!   exits.
 //! ```
 //!
 //! Holding the group in a process that does almost nothing means a worker crash (panic,
@@ -164,6 +166,13 @@ pub struct Spec {
     /// Requests and bytes `lode mount` spent opening the image (chunk tables).
     pub open_requests: u64,
     pub open_bytes: u64,
+    /// `--record-trace`: record which files (and ranges) are read into this file, in the
+    /// trace format of `lode_format::trace`. The supervisor empties it at mount; workers
+    /// resume it, map each event's blob range back to image paths
+    /// (`lode_format::reverse::FileIndex`) and keep every mark (so a read of a complete
+    /// blob is still seen).
+    #[serde(default)]
+    pub record_trace: Option<PathBuf>,
 }
 
 impl Spec {

@@ -142,6 +142,9 @@ impl Running {
                 anyhow!("fanotify_mark FAN_PRE_ACCESS {}: {e}{hint}", p.display())
             })?;
         }
+        if let Some(t) = &spec.record_trace {
+            lode_storage::trace::start(t)?;
+        }
         let journal = Journal::create(crate::JOURNAL_SLOTS.max(spec.threads))?;
         let mut r = Running {
             spec,
@@ -281,6 +284,25 @@ impl Running {
         }
     }
 
+    /// SIGTERM to the worker, then up to `grace` for it to exit.
+    fn stop_worker(&mut self, grace: Duration) {
+        let Some(c) = self.worker.as_mut() else {
+            return;
+        };
+        if let Some(pid) = rustix::process::Pid::from_raw(c.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = c.try_wait() {
+                self.worker = None;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        warn!("the worker did not exit in {grace:?} after SIGTERM");
+    }
+
     fn kill_worker(&mut self) {
         if let Some(mut c) = self.worker.take() {
             let _ = c.kill();
@@ -380,6 +402,10 @@ impl Running {
     }
 
     fn cleanup(&mut self) {
+        // The mount is gone: a worker recording a trace writes it on SIGTERM.
+        if self.spec.record_trace.is_some() {
+            self.stop_worker(Duration::from_secs(3));
+        }
         self.kill_worker();
         let mnt = &self.spec.mountpoint;
         if runtime::load(mnt).is_some_and(|r| r.pid == std::process::id()) {

@@ -12,6 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context, Result};
 use lode_format::blob::BLOB_BLOCK_SIZE;
 use lode_format::manifest;
+use lode_format::reader::Image;
+use lode_format::reverse::FileIndex;
 use lode_storage::backend::http::HttpBackend;
 use lode_storage::backend::local::LocalDirBackend;
 use lode_storage::backend::registry::{backend_client_options, RegistryBackend};
@@ -19,6 +21,7 @@ use lode_storage::backend::Backend;
 use lode_storage::cache::BlobCache;
 use lode_storage::fetch::{prefetch_extents, BlobFetcher, FetchStats, PrefetchLimits};
 use lode_storage::image::{ImageSource, SourceOptions};
+use lode_storage::trace::TraceRecorder;
 use tracing::{debug, error, info, warn};
 
 use crate::abi::{self, fan_deny_errno, Event, FAN_ALLOW};
@@ -52,8 +55,10 @@ struct Served {
     prefetch: Mutex<String>,
     /// Per blob: its mark was removed (the blob is complete in the cache).
     unmarked: Vec<AtomicBool>,
-    /// `LODE_FANOTIFY_KEEP_MARKS=1`: never remove marks (to measure the event path).
+    /// `LODE_FANOTIFY_KEEP_MARKS=1`, or a trace being recorded: never remove marks.
     keep_marks: bool,
+    /// `--record-trace`: the recorder and the map from blob ranges to image paths.
+    trace: Option<(Arc<TraceRecorder>, FileIndex)>,
     /// Journal slots not holding unanswered events.
     free_slots: Mutex<Vec<usize>>,
     slot_freed: Condvar,
@@ -121,6 +126,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         f.cached().use_data_file(File::from(fd))?;
         by_inode.insert(key, i);
     }
+    let trace = match &spec.record_trace {
+        Some(path) => Some(open_trace(&spec, path)?),
+        None => None,
+    };
     let n_blobs = fetchers.len();
     let nslots = journal.nslots();
     let served = Arc::new(Served {
@@ -133,7 +142,9 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         stats,
         by_inode,
         unmarked: (0..n_blobs).map(|_| AtomicBool::new(false)).collect(),
-        keep_marks: std::env::var_os("LODE_FANOTIFY_KEEP_MARKS").is_some_and(|v| v == "1"),
+        keep_marks: trace.is_some()
+            || std::env::var_os("LODE_FANOTIFY_KEEP_MARKS").is_some_and(|v| v == "1"),
+        trace,
         free_slots: Mutex::new((0..nslots).rev().collect()),
         slot_freed: Condvar::new(),
     });
@@ -170,6 +181,19 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let _ = t.join();
     }
     bail!("every reader thread ended")
+}
+
+/// The trace recorder (resuming what an earlier worker of this mount recorded) and the
+/// reverse map of the bootstrap; SIGTERM then writes the trace before the worker exits.
+fn open_trace(spec: &Spec, path: &std::path::Path) -> Result<(Arc<TraceRecorder>, FileIndex)> {
+    let bytes = std::fs::read(&spec.bootstrap)
+        .with_context(|| format!("reading {}", spec.bootstrap.display()))?;
+    let image = Image::open(Box::new(bytes)).context("opening the bootstrap")?;
+    let index = FileIndex::build(&image).context("mapping the image's files for --record-trace")?;
+    let rec = TraceRecorder::resume(path)?;
+    rec.exit_on_sigterm();
+    info!(files = index.files(), trace = %path.display(), "recording an access trace");
+    Ok((rec, index))
 }
 
 /// Background prefetch: the image's prefetch list, and everything with `--prefetch-all`.
@@ -274,7 +298,13 @@ impl Served {
                 return Decision::Deny(Counter::Unknown);
             }
         };
-        match self.clamp(blob, ev.range) {
+        let range = self.clamp(blob, ev.range);
+        if let (Some((rec, index)), Some((s, e))) = (&self.trace, range) {
+            for f in index.files_in(blob, s, e) {
+                rec.record(f.path, f.size, f.offset, f.len);
+            }
+        }
+        match range {
             None => Decision::Allow(Counter::AllowedEmpty),
             Some((s, e)) if self.all_present(blob, s, e) => Decision::Allow(Counter::AllowedCached),
             Some((start, end)) => Decision::Fill {

@@ -66,6 +66,10 @@ pub struct MountConfig {
     pub passthrough_min_size: u64,
     /// Request-serving threads per worker.
     pub threads: usize,
+    /// `--record-trace`: record which files (and ranges) are read into this file (the
+    /// format of `lode_format::trace`). Emptied at mount; each worker resumes it.
+    #[serde(default)]
+    pub record_trace: Option<PathBuf>,
 }
 
 /// Passthrough pays off for big files (no copy through lode, no READ round trips); a small

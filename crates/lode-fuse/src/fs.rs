@@ -31,6 +31,8 @@ use fuser::{
 };
 use lode_format::format::FileType as ErofsType;
 use lode_format::reader::{DirEntry, Error as ReadError, ExtentKind, Image, Inode};
+use lode_format::reverse::FileIndex;
+use lode_storage::trace::TraceRecorder;
 
 use crate::materialize::Materializer;
 use crate::shared::{Counter, Shared};
@@ -70,6 +72,8 @@ pub struct FsOptions {
     pub passthrough: bool,
     /// Smallest file that gets passthrough.
     pub passthrough_min_size: u64,
+    /// `--record-trace`: where reads are recorded, and the inode → path map.
+    pub trace: Option<(Arc<TraceRecorder>, FileIndex)>,
 }
 
 pub struct LodeFs {
@@ -81,6 +85,7 @@ pub struct LodeFs {
     fuse_fd: OwnedFd,
     passthrough: AtomicBool,
     passthrough_min_size: u64,
+    trace: Option<(Arc<TraceRecorder>, FileIndex)>,
     stripes: Vec<Mutex<()>>,
     /// Parsed directories (nid → entries) between the READDIRs of one listing; bounded.
     dirs: Mutex<HashMap<u64, Arc<Vec<DirEntry>>>>,
@@ -161,6 +166,7 @@ impl LodeFs {
             fuse_fd,
             passthrough: AtomicBool::new(opts.passthrough),
             passthrough_min_size: opts.passthrough_min_size.max(1),
+            trace: opts.trace,
             stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
             dirs: Mutex::new(HashMap::new()),
             statfs: (blocks * bs / 4096, inos),
@@ -231,6 +237,15 @@ impl LodeFs {
         }
         dirs.insert(nid, entries.clone());
         Ok(entries)
+    }
+
+    /// With `--record-trace`: bytes `offset..offset+len` of inode `nid` were read.
+    fn record(&self, nid: u64, offset: u64, len: u64) {
+        if let Some((rec, index)) = &self.trace {
+            if let Some((path, size)) = index.path_of(nid) {
+                rec.record(path, size, offset, len);
+            }
+        }
     }
 
     fn passthrough_on(&self) -> bool {
@@ -410,6 +425,8 @@ impl Filesystem for LodeFs {
         match self.open_decision(&inode) {
             Some(id) => {
                 self.shared.add(Counter::PassthroughOpens, 1);
+                // Its reads never reach us: count the file as read whole.
+                self.record(inode.nid, 0, inode.size);
                 // SAFETY: `id` is open on this connection and never closed while mounted.
                 let backing = unsafe { reply.wrap_backing(id) };
                 reply.opened_passthrough(FileHandle(FH_PASSTHROUGH), FopenFlags::empty(), &backing);
@@ -452,6 +469,7 @@ impl Filesystem for LodeFs {
                 Ok(n) => {
                     self.shared.add(Counter::BytesServed, n as u64);
                     reply.data(&buf[..n]);
+                    self.record(inode.nid, offset, n as u64);
                 }
                 Err(e) => {
                     self.shared.add(Counter::ReadErrors, 1);

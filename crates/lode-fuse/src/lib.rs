@@ -149,7 +149,10 @@ pub fn stats(mountpoint: &Path) -> Result<serde_json::Value> {
     let path = lode_mount::runtime::control_path(&mnt);
     let mut conn = std::os::unix::net::UnixStream::connect(&path)
         .with_context(|| format!("connecting to {}", path.display()))?;
+    // A hung supervisor must not hang `lode status` or the daemon's scrape.
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(2)))?;
     let mut buf = String::new();
-    conn.read_to_string(&mut buf)?;
+    conn.read_to_string(&mut buf)
+        .with_context(|| format!("reading {}", path.display()))?;
     Ok(serde_json::from_str(&buf)?)
 }

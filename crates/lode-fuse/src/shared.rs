@@ -54,6 +54,8 @@ pub enum Counter {
     FetchRequests,
     FetchBytes,
     FetchErrors,
+    /// Reads that needed data not yet in the cache (each waited for a fetch).
+    FetchMisses,
     Last,
 }
 
@@ -272,6 +274,7 @@ pub fn snapshot(s: &Shared) -> serde_json::Value {
         "fetch_requests": s.get(Counter::FetchRequests),
         "fetch_bytes": s.get(Counter::FetchBytes),
         "fetch_errors": s.get(Counter::FetchErrors),
+        "fetch_misses": s.get(Counter::FetchMisses),
     })
 }
 

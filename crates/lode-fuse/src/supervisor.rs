@@ -87,6 +87,9 @@ fn setup(cfg: MountConfig) -> Result<(Supervisor, Child)> {
         bail!("mount point {} is not a directory", mountpoint.display());
     }
     let exe = std::env::current_exe().context("locating the lode binary")?;
+    if let Some(t) = &cfg.record_trace {
+        lode_storage::trace::start(t)?;
+    }
     // Resolve and verify the image now, so errors reach `lode mount`.
     let source = ImageSource::parse(&cfg.image)?;
     let cache = BlobCache::open(&cfg.cache_dir)?;

@@ -26,7 +26,12 @@ use anyhow::{bail, Context, Result};
 use fuser::{Session, SessionACL};
 use lode_format::reader::Image;
 use lode_storage::cache::BlobCache;
-use lode_storage::fetch::{BlobFetcher, FetchOptions, FetchStats, LazyDevice};
+use lode_format::manifest::PrefetchExtent;
+use lode_format::reverse::FileIndex;
+use lode_storage::fetch::{
+    prefetch_extents, BlobFetcher, FetchOptions, FetchStats, LazyDevice, PrefetchLimits,
+};
+use lode_storage::trace::TraceRecorder;
 
 use crate::abi;
 use crate::config::{blob_backend, WorkerConfig};
@@ -67,8 +72,10 @@ pub fn main() -> Result<()> {
     shared.add(Counter::WorkerStarts, 1);
     shared.set(Counter::WorkerPid, std::process::id() as u64);
 
-    let (fs, cache, fetch_stats) = open_fs(&cfg, shared.clone(), fuse_fd.try_clone()?)?;
-    publish_fetch_stats(shared.clone(), fetch_stats);
+    let opened = open_fs(&cfg, shared.clone(), fuse_fd.try_clone()?)?;
+    let (fs, cache, trace) = (opened.fs, opened.cache, opened.trace);
+    publish_fetch_stats(shared.clone(), opened.stats);
+    start_prefetch(opened.fetchers, &cfg.manifest.prefetch);
 
     match abi::notify_resend(fuse_fd.as_fd()) {
         Ok(()) => {}
@@ -92,6 +99,11 @@ pub fn main() -> Result<()> {
     crate::detach_stdio();
     let result = session.run();
     cache.flush();
+    if let Some(t) = &trace {
+        if let Err(e) = t.flush() {
+            tracing::error!("{e:#}");
+        }
+    }
     match result {
         Ok(()) => {
             tracing::info!("connection closed (unmounted); worker exits");
@@ -107,23 +119,49 @@ fn publish_fetch_stats(shared: Arc<Shared>, stats: Arc<FetchStats>) {
     let _ = std::thread::Builder::new()
         .name("lode-fuse-stats".into())
         .spawn(move || {
-            let mut last = (0u64, 0u64, 0u64);
+            let mut last = (0u64, 0u64, 0u64, 0u64);
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 let s = stats.snapshot();
                 shared.add(Counter::FetchRequests, s.requests - last.0);
                 shared.add(Counter::FetchBytes, s.bytes_fetched - last.1);
                 shared.add(Counter::FetchErrors, s.errors - last.2);
-                last = (s.requests, s.bytes_fetched, s.errors);
+                shared.add(Counter::FetchMisses, s.misses - last.3);
+                last = (s.requests, s.bytes_fetched, s.errors, s.misses);
             }
         });
 }
 
-fn open_fs(
-    cfg: &WorkerConfig,
-    shared: Arc<Shared>,
-    fuse_fd: OwnedFd,
-) -> Result<(LodeFs, Arc<BlobCache>, Arc<FetchStats>)> {
+/// The image's prefetch list, fetched in the background from the start (foreground reads
+/// overtake it); every worker does it again, skipping what is cached.
+fn start_prefetch(fetchers: Vec<Arc<BlobFetcher>>, list: &[PrefetchExtent]) {
+    if list.is_empty() {
+        return;
+    }
+    let list = list.to_vec();
+    let spawned = std::thread::Builder::new()
+        .name("lode-prefetch".into())
+        .spawn(move || {
+            match prefetch_extents(&fetchers, &list, &PrefetchLimits::default()) {
+                Ok(()) => tracing::info!(extents = list.len(), "background prefetch done"),
+                Err(e) => tracing::warn!("prefetch: {e} (reads fetch what they need)"),
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!("starting the prefetch thread: {e}");
+    }
+}
+
+/// What a worker serves with.
+struct Opened {
+    fs: LodeFs,
+    cache: Arc<BlobCache>,
+    stats: Arc<FetchStats>,
+    fetchers: Vec<Arc<BlobFetcher>>,
+    trace: Option<Arc<TraceRecorder>>,
+}
+
+fn open_fs(cfg: &WorkerConfig, shared: Arc<Shared>, fuse_fd: OwnedFd) -> Result<Opened> {
     let m = &cfg.mount;
     let cache = BlobCache::open(&m.cache_dir)?;
     let backend = blob_backend(m)?;
@@ -161,7 +199,20 @@ fn open_fs(
     for (i, f) in fetchers.iter().enumerate() {
         image.set_device(i, Box::new(LazyDevice(f.clone())));
     }
-    let materializer = Materializer::new(&m.cache_dir, fetchers)?;
+    let trace = match &m.record_trace {
+        Some(path) => {
+            let index = FileIndex::build(&image)
+                .context("mapping the image's files for --record-trace")?;
+            let rec = TraceRecorder::resume(path)?;
+            // `lode umount` stops the worker with SIGTERM: write the trace first.
+            rec.exit_on_sigterm();
+            tracing::info!(files = index.files(), trace = %path.display(), "recording an access trace");
+            Some((rec, index))
+        }
+        None => None,
+    };
+    let recorder = trace.as_ref().map(|(r, _)| r.clone());
+    let materializer = Materializer::new(&m.cache_dir, fetchers.clone())?;
     let fs = LodeFs::new(
         image,
         shared,
@@ -170,9 +221,16 @@ fn open_fs(
         FsOptions {
             passthrough: cfg.passthrough,
             passthrough_min_size: cfg.mount.passthrough_min_size,
+            trace,
         },
     );
-    Ok((fs, cache, stats))
+    Ok(Opened {
+        fs,
+        cache,
+        stats,
+        fetchers,
+        trace: recorder,
+    })
 }
 
 /// A fuser session reading from `fuse_fd`, which was initialised by someone else.

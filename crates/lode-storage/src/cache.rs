@@ -708,9 +708,13 @@ fn evict_over(blobs_dir: &Path, max_bytes: u64) -> Result<Vec<CacheEntry>> {
     Ok(removed)
 }
 
-/// Parses `1048576`, `512M`, `2G` (binary multiples).
-fn parse_size(s: &str) -> Result<u64> {
+/// Parses `1048576`, `512M`, `2G`, `64KiB` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
     let (num, mul) = match t.char_indices().last() {
         Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
         Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),

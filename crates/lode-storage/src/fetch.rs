@@ -72,6 +72,8 @@ pub struct FetchStats {
     pub errors: AtomicU64,
     /// Request latency histogram: counts per bucket of [`LATENCY_BUCKETS_MS`] (+ overflow).
     pub latency: [AtomicU64; LATENCY_BUCKETS_MS.len() + 1],
+    /// Sum of request latencies, microseconds (a histogram's `_sum`).
+    pub latency_us_sum: AtomicU64,
 }
 
 /// Upper bounds (ms) of the latency histogram buckets.
@@ -85,6 +87,8 @@ impl FetchStats {
             .position(|&b| ms <= b)
             .unwrap_or(LATENCY_BUCKETS_MS.len());
         self.latency[i].fetch_add(1, Ordering::Relaxed);
+        self.latency_us_sum
+            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn snapshot(&self) -> FetchStatsSnapshot {
@@ -102,6 +106,7 @@ impl FetchStats {
             errors: l(&self.errors),
             latency_ms_buckets: LATENCY_BUCKETS_MS.to_vec(),
             latency_counts: self.latency.iter().map(l).collect(),
+            latency_us_sum: l(&self.latency_us_sum),
         }
     }
 }
@@ -120,6 +125,7 @@ pub struct FetchStatsSnapshot {
     pub errors: u64,
     pub latency_ms_buckets: Vec<u64>,
     pub latency_counts: Vec<u64>,
+    pub latency_us_sum: u64,
 }
 
 impl FetchStatsSnapshot {

@@ -67,6 +67,54 @@ pub struct SourceOptions {
     pub fetch: FetchOptions,
 }
 
+/// How to reach a registry (a serializable mirror of `lode_registry::ClientOptions`): what
+/// mount requests, the daemon API and frontend specs carry.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RegistryOptions {
+    pub plain_http: bool,
+    pub insecure_tls: bool,
+    pub credentials: Option<(String, String)>,
+    pub docker_config: Option<PathBuf>,
+    pub retries: u32,
+}
+
+impl Default for RegistryOptions {
+    fn default() -> Self {
+        RegistryOptions {
+            plain_http: false,
+            insecure_tls: false,
+            credentials: None,
+            docker_config: None,
+            retries: 4,
+        }
+    }
+}
+
+impl RegistryOptions {
+    pub fn client_options(&self) -> lode_registry::ClientOptions {
+        lode_registry::ClientOptions {
+            plain_http: self.plain_http,
+            insecure_tls: self.insecure_tls,
+            credentials: self.credentials.clone(),
+            docker_config: self.docker_config.clone(),
+            retries: self.retries,
+            ..Default::default()
+        }
+    }
+
+    pub fn source_options(&self) -> SourceOptions {
+        SourceOptions {
+            registry: self.client_options(),
+            http: HttpOptions {
+                insecure_tls: self.insecure_tls,
+                ..Default::default()
+            },
+            fetch: Default::default(),
+        }
+    }
+}
+
 /// An image ready to be served: its bootstrap is local and verified, every blob has a fetcher.
 pub struct OpenedImage {
     pub source: ImageSource,

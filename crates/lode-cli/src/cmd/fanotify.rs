@@ -108,6 +108,7 @@ pub fn mount(o: MountOptions<'_>) -> Result<()> {
         worker_command,
         open_requests: open_stats.requests,
         open_bytes: open_stats.bytes_fetched,
+        record_trace: None,
     };
     std::fs::create_dir_all(runtime::run_dir())
         .with_context(|| format!("creating {}", runtime::run_dir().display()))?;

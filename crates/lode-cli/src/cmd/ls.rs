@@ -1,5 +1,5 @@
 //! `lode ls IMAGE [PATH]`: `ls -l` style listing of a directory, or of one entry when PATH is
-//! not a directory. Symlinks are shown, never followed.
+//! not a directory. Symlinks are shown, never followed. `lode ls` alone lists the mounts.
 
 use std::io::Write;
 
@@ -9,12 +9,15 @@ use lode_format::reader::{Image, Inode};
 use serde::Serialize;
 
 use crate::display::{format_time, mode_string, type_name};
-use crate::image_arg::ImageArgs;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    #[command(flatten)]
-    pub image: ImageArgs,
+    /// A lode image directory (bootstrap + blobs/) or an EROFS image file; without it, the
+    /// lode mounts of this machine are listed (mode, image, state, counters).
+    pub image: Option<std::path::PathBuf>,
+    /// Backing file of extra device slot 0, 1, … in slot order (overrides the lookup by tag).
+    #[arg(long = "device", value_name = "PATH")]
+    pub devices: Vec<std::path::PathBuf>,
     /// Path inside the image (default: the root).
     #[arg(default_value = "/")]
     pub path: std::ffi::OsString,
@@ -24,6 +27,8 @@ pub struct Args {
     /// Print machine-readable JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub daemon: super::mount::DaemonArgs,
 }
 
 #[derive(Serialize)]
@@ -56,7 +61,10 @@ struct Entry {
 
 pub fn run(args: Args) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
-    let image = args.image.open()?;
+    let Some(image_path) = &args.image else {
+        return super::mount::list_mounts(args.json, &args.daemon);
+    };
+    let image = crate::image_arg::open_image_with_devices(image_path, &args.devices)?;
     let path = args.path.as_bytes();
     let inode = image.resolve(path)?;
     let mut entries = Vec::new();

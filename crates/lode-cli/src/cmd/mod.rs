@@ -4,6 +4,7 @@ pub mod build;
 pub mod cache;
 pub mod cat;
 pub mod convert;
+pub mod daemon;
 pub mod fanotify;
 pub mod fscache_daemon;
 pub mod inspect;

@@ -134,6 +134,7 @@ fn fuse_mount(args: &Args) -> Result<()> {
         passthrough: !args.no_passthrough,
         passthrough_min_size: args.passthrough_min_size,
         threads: args.threads,
+        record_trace: None,
     })?;
     eprintln!(
         "lode: {} mounted on {} (FUSE, supervisor pid {}, log {})",

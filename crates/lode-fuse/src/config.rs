@@ -7,48 +7,16 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use lode_format::manifest::{self, ImageManifest};
-use lode_storage::backend::http::{HttpBackend, HttpOptions};
+use lode_storage::backend::http::HttpBackend;
 use lode_storage::backend::local::LocalDirBackend;
 use lode_storage::backend::registry::{backend_client_options, RegistryBackend};
 use lode_storage::backend::Backend;
-use lode_storage::image::{ImageSource, SourceOptions};
+use lode_storage::image::ImageSource;
 use serde::{Deserialize, Serialize};
 
 use crate::abi::Negotiated;
 
-/// Registry client options (a serializable mirror of `lode_registry::ClientOptions`).
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RegistryOptions {
-    pub plain_http: bool,
-    pub insecure_tls: bool,
-    pub credentials: Option<(String, String)>,
-    pub docker_config: Option<PathBuf>,
-    pub retries: u32,
-}
-
-impl RegistryOptions {
-    pub fn client_options(&self) -> lode_registry::ClientOptions {
-        lode_registry::ClientOptions {
-            plain_http: self.plain_http,
-            insecure_tls: self.insecure_tls,
-            credentials: self.credentials.clone(),
-            docker_config: self.docker_config.clone(),
-            retries: self.retries,
-            ..Default::default()
-        }
-    }
-
-    pub fn source_options(&self) -> SourceOptions {
-        SourceOptions {
-            registry: self.client_options(),
-            http: HttpOptions {
-                insecure_tls: self.insecure_tls,
-                ..Default::default()
-            },
-            fetch: Default::default(),
-        }
-    }
-}
+pub use lode_storage::image::RegistryOptions;
 
 /// `lode mount IMAGE MNT --mode fuse …`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

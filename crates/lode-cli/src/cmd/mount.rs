@@ -1,8 +1,13 @@
-//! `lode mount` and `lode umount`.
+//! `lode mount`, `lode umount` and `lode status`: through the daemon when one listens on its
+//! socket, else done by this process with the same code (`lode_daemon::mounts`).
 
 use std::path::PathBuf;
+use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use lode_daemon::client::{mountpoint_query, Client};
+use lode_daemon::mounts::{self, MountStatus, Mounted};
+use lode_daemon::request::{FuseOptions, MountRequest};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
@@ -25,26 +30,63 @@ pub enum Mode {
     Fscache,
 }
 
+impl From<Mode> for lode_daemon::Mode {
+    fn from(m: Mode) -> Self {
+        match m {
+            Mode::Auto => lode_daemon::Mode::Auto,
+            Mode::Local => lode_daemon::Mode::Local,
+            Mode::Fanotify => lode_daemon::Mode::Fanotify,
+            Mode::Fuse => lode_daemon::Mode::Fuse,
+            Mode::Fscache => lode_daemon::Mode::Fscache,
+        }
+    }
+}
+
+/// How to reach the daemon (shared by mount, umount, ls and status).
+#[derive(clap::Args, Debug, Clone)]
+pub struct DaemonArgs {
+    /// The daemon's socket; used when a daemon listens there.
+    #[arg(long, env = "LODE_SOCKET", default_value = lode_daemon::config::DEFAULT_SOCKET)]
+    pub socket: PathBuf,
+    /// Do the work in this process even if a daemon runs.
+    #[arg(long)]
+    pub no_daemon: bool,
+}
+
+impl DaemonArgs {
+    fn client(&self) -> Option<Client> {
+        if self.no_daemon {
+            return None;
+        }
+        Client::connect(&self.socket)
+    }
+}
+
 #[derive(clap::Args)]
 pub struct Args {
-    /// Image directory (bootstrap, blobs/, image.json).
-    pub image: PathBuf,
+    /// Image directory, http(s) URL of one, or registry reference (REGISTRY/REPO:TAG).
+    pub image: String,
     /// Mount point (an existing directory).
     pub mountpoint: PathBuf,
     /// How the image is served.
     #[arg(long, value_enum, default_value_t = Mode::Auto)]
     pub mode: Mode,
-    /// Where uncompressed blob data is kept.
-    #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
-    pub cache_dir: PathBuf,
+    /// Where uncompressed blob data is kept [default: the daemon's, else
+    /// /var/lib/lode/cache].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
     #[command(flatten)]
     pub registry: super::registry::RegistryArgs,
-    /// fanotify mode: fetch the whole image in the background (reads overtake it).
+    /// Fetch the whole image in the background (reads overtake it).
     #[arg(long)]
     pub prefetch_all: bool,
-    /// fanotify mode: bandwidth limit of --prefetch-all, bytes/s (suffixes K, M, G; 0: none).
+    /// Bandwidth limit of background prefetch, bytes/s (suffixes K, M, G; 0: none).
     #[arg(long, value_parser = super::build::parse_bytes, default_value = "0")]
     pub prefetch_rate: u64,
+    /// Record which files and ranges are read into FILE (a trace for
+    /// `lode build/convert --prefetch FILE`); fanotify and FUSE modes.
+    #[arg(long, value_name = "FILE")]
+    pub record_trace: Option<PathBuf>,
     /// FUSE mode: serve every read through lode (no FUSE passthrough).
     #[arg(long)]
     pub no_passthrough: bool,
@@ -55,93 +97,74 @@ pub struct Args {
     /// read through lode and kept in the page cache.
     #[arg(long, value_parser = super::build::parse_bytes, default_value = "64K")]
     pub passthrough_min_size: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+    /// Print what was mounted as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
-/// Why each lazy mode can or cannot be used here, best first.
-fn choose_mode(cache_dir: &std::path::Path) -> (Mode, String) {
-    use lode_fanotify::abi::{FAN_CLASS_PRE_CONTENT, FAN_CLOEXEC};
-    let _ = std::fs::create_dir_all(cache_dir);
-    let fanotify = lode_fanotify::sys::fanotify_init(FAN_CLASS_PRE_CONTENT | FAN_CLOEXEC, 0)
-        .map_err(|e| format!("no fanotify pre-content events ({e}; Linux 6.14+ needed)"))
-        .and_then(|_| lode_fanotify::check_cache_fs(cache_dir).map_err(|e| format!("{e:#}")));
-    if fanotify.is_ok() {
-        return (
-            Mode::Fanotify,
-            "fanotify pre-content events are available".into(),
-        );
-    }
-    let fanotify_why = fanotify.unwrap_err();
-    // EBUSY: held by a daemon already (ours serves every fscache mount), so it works.
-    let cachefiles = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .open("/dev/cachefiles");
-    if cachefiles.is_ok() || cachefiles.is_err_and(|e| e.raw_os_error() == Some(16)) {
-        return (
-            Mode::Fscache,
-            format!("{fanotify_why}; /dev/cachefiles is available"),
-        );
-    }
-    (
-        Mode::Fuse,
-        format!("{fanotify_why}; no usable /dev/cachefiles"),
-    )
-}
+/// Mounting can fetch a manifest, a bootstrap and chunk tables over a slow link.
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(900);
+const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
 
-pub fn run(mut args: Args) -> Result<()> {
-    if args.mode == Mode::Auto {
-        let (mode, why) = choose_mode(&args.cache_dir);
-        eprintln!("lode: --mode auto chose {mode:?}: {why}");
-        args.mode = mode;
-    }
-    match args.mode {
-        Mode::Auto => unreachable!("resolved above"),
-        Mode::Local => lode_mount::local::mount(&args.image, &args.mountpoint, &args.cache_dir)?,
-        Mode::Fanotify => super::fanotify::mount(super::fanotify::MountOptions {
-            image: &args.image,
-            mountpoint: &args.mountpoint,
-            cache_dir: &args.cache_dir,
-            registry: &args.registry,
-            prefetch_all: args.prefetch_all,
-            prefetch_rate: args.prefetch_rate,
-        })?,
-        Mode::Fuse => fuse_mount(&args)?,
-        Mode::Fscache => fscache_mount(&args)?,
-    }
-    Ok(())
-}
-
-fn fuse_mount(args: &Args) -> Result<()> {
-    use anyhow::Context;
+pub fn run(args: Args) -> Result<()> {
     let r = &args.registry;
-    let credentials = r.credentials()?;
-    let image = args
-        .image
-        .to_str()
-        .context("IMAGE must be valid UTF-8")?
-        .to_string();
-    let m = lode_fuse::mount(&lode_fuse::MountConfig {
-        image,
+    let mut req = MountRequest {
+        image: args.image.clone(),
         mountpoint: args.mountpoint.clone(),
+        mode: args.mode.into(),
         cache_dir: args.cache_dir.clone(),
-        registry: lode_fuse::RegistryOptions {
+        registry: lode_daemon::request::RegistryOptions {
             plain_http: r.plain_http,
             insecure_tls: r.insecure_tls,
-            credentials,
+            credentials: r.credentials()?,
             docker_config: r.auth_file.clone(),
             retries: r.retries,
         },
-        passthrough: !args.no_passthrough,
-        passthrough_min_size: args.passthrough_min_size,
-        threads: args.threads,
-        record_trace: None,
-    })?;
-    eprintln!(
-        "lode: {} mounted on {} (FUSE, supervisor pid {}, log {})",
-        args.image.display(),
-        args.mountpoint.display(),
-        m.supervisor_pid,
-        m.log.display()
+        prefetch_all: args.prefetch_all,
+        prefetch_rate: args.prefetch_rate,
+        fuse: FuseOptions {
+            passthrough: !args.no_passthrough,
+            passthrough_min_size: args.passthrough_min_size,
+            threads: args.threads,
+        },
+        record_trace: args.record_trace.clone(),
+    };
+    let cwd = std::env::current_dir().context("finding the working directory")?;
+    req.absolutize(&cwd)?;
+    let m: Mounted = match args.daemon.client() {
+        Some(c) => {
+            let v = c.call(
+                "POST",
+                "/v1/mounts",
+                Some(&serde_json::to_value(&req)?),
+                MOUNT_TIMEOUT,
+            )?;
+            serde_json::from_value(v).context("the daemon's mount answer")?
+        }
+        None => mounts::mount(
+            &req,
+            std::path::Path::new(lode_storage::cache::DEFAULT_CACHE_DIR),
+        )?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&m)?);
+        return Ok(());
+    }
+    if let Some(why) = &m.chosen_because {
+        eprintln!("lode: --mode auto chose {}: {why}", m.mode);
+    }
+    let by = if m.pid != 0 {
+        format!("; served by pid {}", m.pid)
+    } else {
+        String::new()
+    };
+    println!(
+        "mounted {} at {} ({}{by})",
+        m.image,
+        m.mountpoint.display(),
+        m.mode
     );
     Ok(())
 }
@@ -150,47 +173,116 @@ fn fuse_mount(args: &Args) -> Result<()> {
 pub struct UmountArgs {
     /// Mount point.
     pub mountpoint: PathBuf,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 /// Unmounts, then stops the process serving the mount (if any) once the kernel let go of it.
 pub fn umount(args: UmountArgs) -> Result<()> {
-    use lode_mount::runtime;
-    let mnt = runtime::canonical(&args.mountpoint)?;
-    let record = runtime::load(&mnt);
-    lode_mount::kernel::umount(&mnt)?;
-    if let Some(rec) = record.as_ref().filter(|r| r.mode == "fscache") {
-        // One daemon serves every fscache mount: tell it, it exits after its last one.
-        if let Err(e) = lode_cachefiles::client::unmounted(rec) {
-            eprintln!("lode: telling the fscache daemon: {e:#}");
+    let mnt = lode_mount::runtime::canonical(&args.mountpoint)?;
+    let warning = match args.daemon.client() {
+        Some(c) => {
+            let v = c.call(
+                "DELETE",
+                &format!("/v1/mounts?{}", mountpoint_query(&mnt)),
+                None,
+                SHORT_TIMEOUT,
+            )?;
+            v["warning"].as_str().map(str::to_string)
         }
-        runtime::remove(&mnt);
-    } else if let Some(rec) = record {
-        if runtime::alive(rec.pid)
-            && runtime::stop_process(rec.pid, std::time::Duration::from_secs(10))
-        {
-            eprintln!(
-                "lode: the {} server (pid {}) did not exit in time and was killed",
-                rec.mode, rec.pid
-            );
-        }
-        runtime::remove(&mnt);
+        None => mounts::umount(&mnt)?,
+    };
+    if let Some(w) = warning {
+        eprintln!("lode: {w}");
     }
     Ok(())
 }
 
-fn fscache_mount(args: &Args) -> Result<()> {
-    let r = &args.registry;
-    let credentials = r.credentials()?;
-    lode_cachefiles::client::mount(&lode_cachefiles::client::MountRequest {
-        image: args.image.to_string_lossy().into_owned(),
-        mountpoint: args.mountpoint.clone(),
-        cache_dir: args.cache_dir.clone(),
-        registry: lode_cachefiles::control::RegistryOpts {
-            plain_http: r.plain_http,
-            insecure_tls: r.insecure_tls,
-            credentials,
-            auth_file: r.auth_file.clone(),
-            retries: Some(r.retries),
-        },
-    })
+#[derive(clap::Args)]
+pub struct StatusArgs {
+    /// One mount point (default: every mount).
+    pub mountpoint: Option<PathBuf>,
+    /// Print JSON (every counter, per mode).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// The mounts (or one) with their counters: from the daemon if it runs, else read here.
+fn statuses(mountpoint: Option<&PathBuf>, daemon: &DaemonArgs) -> Result<Vec<MountStatus>> {
+    let client = daemon.client();
+    match (mountpoint, client) {
+        (Some(m), Some(c)) => {
+            let mnt = lode_mount::runtime::canonical(m)?;
+            let v = c.call(
+                "GET",
+                &format!("/v1/mounts/status?{}", mountpoint_query(&mnt)),
+                None,
+                SHORT_TIMEOUT,
+            )?;
+            Ok(vec![serde_json::from_value(v)?])
+        }
+        (Some(m), None) => Ok(vec![mounts::status(m)?]),
+        (None, Some(c)) => Ok(serde_json::from_value(c.call(
+            "GET",
+            "/v1/mounts",
+            None,
+            SHORT_TIMEOUT,
+        )?)?),
+        (None, None) => Ok(mounts::list()),
+    }
+}
+
+pub fn status(args: StatusArgs) -> Result<()> {
+    let list = statuses(args.mountpoint.as_ref(), &args.daemon)?;
+    if args.json {
+        let v = if args.mountpoint.is_some() {
+            serde_json::to_value(&list[0])?
+        } else {
+            serde_json::to_value(&list)?
+        };
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    print_table(&list);
+    Ok(())
+}
+
+/// `lode ls` without an image: the mounts, one line each.
+pub fn list_mounts(json: bool, daemon: &DaemonArgs) -> Result<()> {
+    let list = statuses(None, daemon)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+    } else {
+        print_table(&list);
+    }
+    Ok(())
+}
+
+fn print_table(list: &[MountStatus]) {
+    if list.is_empty() {
+        println!("no lode mounts");
+        return;
+    }
+    println!(
+        "{:<28} {:<9} {:<11} {:>10} {:>8} {:>7}  IMAGE",
+        "MOUNTPOINT", "MODE", "STATE", "FETCHED", "REQUESTS", "ERRORS"
+    );
+    for m in list {
+        let s = &m.stats;
+        println!(
+            "{:<28} {:<9} {:<11} {:>9.1}M {:>8} {:>7}  {}",
+            m.mountpoint.display(),
+            m.mode,
+            m.state,
+            s.bytes_fetched as f64 / 1e6,
+            s.requests,
+            s.fetch_errors,
+            m.image
+        );
+        if let Some(e) = &m.stats_error {
+            println!("    (counters unavailable: {e})");
+        }
+    }
 }

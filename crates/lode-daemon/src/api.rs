@@ -236,7 +236,7 @@ async fn umount(
     .await
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct PrefetchBody {
     #[serde(default)]
@@ -245,12 +245,26 @@ struct PrefetchBody {
 
 async fn prefetch(
     Query(q): Query<MountpointQuery>,
-    body: Option<Json<PrefetchBody>>,
+    body: axum::body::Bytes,
 ) -> ApiResult<Json<serde_json::Value>> {
-    let rate = body.map(|Json(b)| b.rate).unwrap_or(0);
+    // The body is optional: no body means no rate limit.
+    let rate = if body.iter().all(u8::is_ascii_whitespace) {
+        0
+    } else {
+        serde_json::from_slice::<PrefetchBody>(&body)
+            .map_err(|e| ApiError::bad(format!("prefetch request: {e}")))?
+            .rate
+    };
     blocking(move || {
         let mnt = canonical(&q.mountpoint)?;
         let rec = lode_mount::runtime::load(&mnt).ok_or_else(|| not_a_mount(&mnt))?;
+        if rec.mode != "fanotify" {
+            return Err(ApiError::bad(format!(
+                "prefetch on demand is supported for fanotify mounts; {} is a {} mount (mount it with --prefetch-all instead)",
+                mnt.display(),
+                rec.mode
+            )));
+        }
         crate::control::prefetch_all(&rec, rate)?;
         Ok(Json(json!({ "prefetch": "started", "mountpoint": mnt, "rate": rate })))
     })

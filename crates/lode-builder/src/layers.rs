@@ -34,14 +34,17 @@
 //! thread puts them into the [`ChunkStore`] in the order they were cut, so the result does not
 //! depend on timing, and closes the layer's blob at each layer boundary.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::{BufReader, Read};
+use std::rc::Rc;
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use crossbeam_channel::{bounded, unbounded, Receiver, Sender};
 use lode_format::tree::{ChunkAddr, Content, FileData, Metadata, Node, NodeId, Tree};
 
 use crate::pipeline::{buffer_count, is_zero};
+use crate::progress::{DataBatch, Event, Progress, ReadTicker};
 use crate::store::{ChunkStore, Compressor, PreparedChunk};
 use crate::tarstream::{Decoded, Entry, EntryName, Kind, LayerFormat, TarReader};
 
@@ -53,6 +56,8 @@ pub const MAX_CHUNKS_PER_FILE: u64 = 1 << 24;
 pub struct LayerInput {
     pub name: String,
     pub reader: Box<dyn Read + Send>,
+    /// Bytes the reader will yield, if known (for progress reports only).
+    pub size: Option<u64>,
 }
 
 impl LayerInput {
@@ -60,7 +65,14 @@ impl LayerInput {
         LayerInput {
             name: name.into(),
             reader,
+            size: None,
         }
+    }
+
+    /// The size of the layer's source, for progress reports.
+    pub fn with_size(mut self, size: u64) -> Self {
+        self.size = Some(size);
+        self
     }
 }
 
@@ -69,6 +81,7 @@ pub struct LayerOptions {
     pub chunk_bits: u8,
     pub inline_max: u64,
     pub threads: usize,
+    pub progress: Progress,
 }
 
 /// What one layer contributed.
@@ -203,11 +216,16 @@ pub fn apply_layers(
             pipeline_closed: false,
             warnings: Vec::new(),
             dropped_warnings: 0,
+            progress: opts.progress.clone(),
+            batch: DataBatch::new(opts.progress.clone()),
+            source_read: Rc::new(Cell::new(0)),
+            read_ticker: ReadTicker::new(),
         };
         let mut reports = Vec::new();
         let mut result = Ok(());
+        let count = inputs.len();
         for (i, input) in inputs.into_iter().enumerate() {
-            match applier.apply_layer(i, input) {
+            match applier.apply_layer(i, count, input) {
                 Ok(r) => reports.push(r),
                 Err(e) => {
                     result = Err(e);
@@ -365,6 +383,11 @@ struct Applier {
     /// Warnings of the current layer.
     warnings: Vec<String>,
     dropped_warnings: u64,
+    progress: Progress,
+    batch: DataBatch,
+    /// Compressed bytes read from the current layer's source.
+    source_read: Rc<Cell<u64>>,
+    read_ticker: ReadTicker,
 }
 
 /// Normalizes an entry name into components; rejects escapes from the root.
@@ -416,10 +439,23 @@ impl Applier {
         })
     }
 
-    fn apply_layer(&mut self, index: usize, input: LayerInput) -> Result<LayerReport> {
+    fn apply_layer(
+        &mut self,
+        index: usize,
+        count: usize,
+        input: LayerInput,
+    ) -> Result<LayerReport> {
         let label = format!("layer {} ({})", index + 1, input.name);
+        self.progress.emit(Event::LayerStart {
+            index,
+            count,
+            name: &input.name,
+            size: input.size,
+        });
+        self.read_ticker = ReadTicker::new();
         let (decoded, format, input_count) =
             Decoded::open(input.reader).with_context(|| format!("{label}: reading"))?;
+        self.source_read = input_count.clone();
         let mut tar = TarReader::new(BufReader::with_capacity(128 << 10, decoded));
         let mut report = LayerReport {
             name: input.name.clone(),
@@ -456,6 +492,7 @@ impl Applier {
             report.entries += 1;
             self.apply_entry(&mut tar, &entry, &mut report)
                 .with_context(|| format!("{label}: entry {name:?}"))?;
+            self.tick_read();
             previous = Some(name);
         }
         self.end_layer();
@@ -487,11 +524,23 @@ impl Applier {
             .with_context(|| format!("{label}: reading past the end of the archive"))?;
         report.tar_bytes = tar_bytes;
         report.input_bytes = input_count.get();
+        self.batch.flush();
+        self.progress.emit(Event::LayerDone {
+            index,
+            done: report.input_bytes,
+        });
         let seq = self.next_seq();
         if self.done.send(Msg::EndLayer { seq }).is_err() {
             return Err(self.closed());
         }
         Ok(report)
+    }
+
+    /// Reports how far the layer's source has been read (in steps).
+    #[inline]
+    fn tick_read(&mut self) {
+        self.read_ticker
+            .tick(&self.progress, self.source_read.get());
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -789,6 +838,7 @@ impl Applier {
             }
             self.stats.inlined_files += (size > 0) as u64;
             self.tree.node_mut(node).content = Content::File(FileData::Inline(data));
+            self.batch.add(1, size);
             return Ok(());
         }
         let cs = 1u64 << self.chunk_bits;
@@ -803,6 +853,8 @@ impl Applier {
         for c in 0..n {
             let start = c * cs;
             let end = (start + cs).min(size);
+            self.batch.add(0, end - start);
+            self.tick_read();
             while si < segs.len() && done == segs[si].1 {
                 si += 1;
                 done = 0;
@@ -859,6 +911,7 @@ impl Applier {
             chunk_bits: self.chunk_bits,
             chunks,
         });
+        self.batch.add(1, 0);
         Ok(())
     }
 }

@@ -8,11 +8,14 @@
 //! OCI layers take another road to the same tree: [`layers`] applies layer tarballs (read by
 //! [`tarstream`]) in order, one blob per layer, and [`build_layers`], [`build_layer_streams`]
 //! and [`build_oci_layout`] (input: [`oci_layout`]) write the image.
+//!
+//! Long builds report batched [`progress`] events to [`BuildOptions::progress`].
 
 pub mod layers;
 pub mod oci_layout;
 pub mod pipeline;
 pub mod prefetch;
+pub mod progress;
 pub mod store;
 pub mod tarstream;
 pub mod walk;
@@ -43,12 +46,15 @@ pub struct BuildOptions {
     pub compression: Compression,
     /// An access trace to store as the image's prefetch list (see [`prefetch`]).
     pub prefetch: Option<std::path::PathBuf>,
+    /// Where progress events go (default: nowhere).
+    pub progress: progress::Progress,
 }
 
 impl Default for BuildOptions {
     fn default() -> Self {
         BuildOptions {
             prefetch: None,
+            progress: progress::Progress::default(),
             compression: Compression::default(),
             chunk_size: DEFAULT_CHUNK_SIZE,
             inline_max: DEFAULT_INLINE_MAX,
@@ -134,6 +140,10 @@ pub fn build_dir_with_dict(
     fs::create_dir_all(&blobs_dir).with_context(|| format!("creating {}", blobs_dir.display()))?;
 
     let (mut tree, jobs) = walk::scan(src)?;
+    opts.progress.emit(progress::Event::Scanned {
+        files: jobs.len() as u64,
+        bytes: jobs.iter().map(|j| j.size).sum(),
+    });
     let mut store = store::ChunkStore::new(&blobs_dir, 1 << BLOCK_BITS, opts.compression);
     let dict = match chunk_dict {
         Some(dir) => load_chunk_dict(dir, &mut store)?,
@@ -147,6 +157,7 @@ pub fn build_dir_with_dict(
             chunk_bits,
             inline_max: opts.inline_max,
             threads: opts.threads,
+            progress: opts.progress.clone(),
         },
     )?;
     let store_stats = store.stats.clone();
@@ -180,10 +191,10 @@ pub fn build_layers(
             "{} is a directory, not a layer tarball",
             path.display()
         );
-        inputs.push(layers::LayerInput::new(
-            path.display().to_string(),
-            Box::new(file),
-        ));
+        let size = file.metadata()?.len();
+        inputs.push(
+            layers::LayerInput::new(path.display().to_string(), Box::new(file)).with_size(size),
+        );
     }
     build_layer_inputs(inputs, out, opts, chunk_dict)
 }
@@ -240,6 +251,7 @@ pub fn build_layer_inputs(
             chunk_bits,
             inline_max: opts.inline_max,
             threads: opts.threads,
+            progress: opts.progress.clone(),
         },
     )?;
     let mut tree = applied.tree;
@@ -403,6 +415,7 @@ pub fn write_image(
             blocks: (b.uncompressed_size >> BLOCK_BITS) as u32,
         })
         .collect();
+    opts.progress.emit(progress::Event::Writing);
     let (bootstrap, summary) = writer::write_bootstrap(
         tree,
         &WriteOptions {

@@ -57,15 +57,18 @@ pub fn open_layers(dir: &Path, tag: Option<&str>) -> Result<Vec<LayerInput>> {
         );
         let (path, hex) = blob_path(dir, layer)?;
         let file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-        out.push(LayerInput::new(
-            format!("{}", layer.digest()),
-            Box::new(Verified::new(
-                file,
-                hex,
-                layer.size(),
-                layer.digest().to_string(),
-            )),
-        ));
+        out.push(
+            LayerInput::new(
+                format!("{}", layer.digest()),
+                Box::new(Verified::new(
+                    file,
+                    hex,
+                    layer.size(),
+                    layer.digest().to_string(),
+                )),
+            )
+            .with_size(layer.size()),
+        );
     }
     Ok(out)
 }

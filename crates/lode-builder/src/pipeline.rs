@@ -14,6 +14,7 @@ use anyhow::{bail, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use lode_format::tree::{ChunkAddr, Content, FileData, Tree};
 
+use crate::progress::{DataBatch, Progress};
 use crate::store::{ChunkStore, Compressor, PreparedChunk};
 use crate::walk::FileJob;
 
@@ -24,6 +25,7 @@ pub struct PipelineOptions {
     pub chunk_bits: u8,
     pub inline_max: u64,
     pub threads: usize,
+    pub progress: Progress,
 }
 
 impl PipelineOptions {
@@ -112,6 +114,9 @@ pub fn run(
         let mut next_seq = 0u64;
         let mut chunk_lists: Vec<Vec<ChunkAddr>> = Vec::new();
         let mut current_job = usize::MAX;
+        // Progress: bytes of the current job already reported.
+        let mut batch = DataBatch::new(opts.progress.clone());
+        let mut job_reported = 0u64;
         let result = (|| -> Result<()> {
             for msg in done_rx.iter() {
                 let done = msg?;
@@ -125,6 +130,7 @@ pub fn run(
                         stats.input_bytes += job.size;
                         chunk_lists.clear();
                         chunk_lists.push(Vec::with_capacity(pieces(job) as usize));
+                        job_reported = 0;
                     }
                     let list = chunk_lists.last_mut().expect("a list per job");
                     match done.data {
@@ -141,9 +147,17 @@ pub fn run(
                             list.push(store.put(prepared, &done.buf[..len])?);
                         }
                     }
-                    if !matches!(done.data, ChunkData::Inline { .. })
-                        && list.len() as u64 == pieces(job)
-                    {
+                    let inline = matches!(done.data, ChunkData::Inline { .. });
+                    let reached = if inline {
+                        job.size
+                    } else {
+                        (list.len() as u64) << opts.chunk_bits
+                    }
+                    .min(job.size);
+                    let finished = inline || list.len() as u64 == pieces(job);
+                    batch.add(finished as u64, reached - job_reported);
+                    job_reported = reached;
+                    if !inline && finished {
                         tree.node_mut(job.node).content = Content::File(FileData::Chunked {
                             size: job.size,
                             chunk_bits: opts.chunk_bits,

@@ -84,9 +84,32 @@ pub fn open_image_with_devices(path: &Path, explicit_devices: &[PathBuf]) -> Res
                 }
                 _ => image.set_device(index, Box::new(file)),
             }
+        } else if metadata.is_dir() {
+            // A lode image directory keeps its data in blobs/, never in the bootstrap: say
+            // which blob is missing instead of reading the bootstrap in flat mode.
+            image.set_device(
+                index,
+                Box::new(MissingBlob(format!(
+                    "blob sha256:{} is not in {} (`lode pull --all` fetches every blob)",
+                    slot.tag,
+                    search_dirs[0].display()
+                ))),
+            );
         }
     }
     Ok(image)
+}
+
+/// A device whose every read fails with a message naming the missing blob.
+struct MissingBlob(String);
+
+impl lode_format::reader::ReadAt for MissingBlob {
+    fn read_exact_at(&self, _: &mut [u8], _: u64) -> std::io::Result<()> {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            self.0.clone(),
+        ))
+    }
 }
 
 /// The first regular file named `tag` in `dirs`; tags that are not plain file names

@@ -5,7 +5,9 @@
 
 mod cmd;
 mod display;
+mod help;
 mod image_arg;
+mod progress;
 
 use clap::{Parser, Subcommand};
 
@@ -18,6 +20,9 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// No progress bars (they are drawn only when stderr is a terminal anyway).
+    #[arg(short, long, global = true)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -67,7 +72,8 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let cli: Cli = help::parse();
+    progress::set_quiet(cli.quiet);
     let result = match cli.command {
         Command::Build(args) => cmd::build::run(args),
         Command::Mount(args) => cmd::mount::run(args),

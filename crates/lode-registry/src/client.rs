@@ -17,6 +17,7 @@ use sha2::{Digest as _, Sha256};
 use crate::auth::{self, Credentials};
 use crate::error::{Error, RegistryErrors, Result};
 use crate::media;
+use crate::progress::{no_progress, Counted, ProgressFn, Transfer};
 use crate::reference::{validate_digest, Reference};
 
 /// Largest manifest accepted (the spec asks registries to accept at least 4 MiB).
@@ -797,6 +798,19 @@ impl RegistryClient {
         digest: &str,
         size: u64,
     ) -> Result<bool> {
+        self.push_blob_from_file_with(repo, path, digest, size, &no_progress())
+    }
+
+    /// [`push_blob_from_file`](Self::push_blob_from_file), telling `progress` when an upload
+    /// (re)starts and how many bytes of the file have been sent.
+    pub fn push_blob_from_file_with(
+        &self,
+        repo: &Reference,
+        path: &Path,
+        digest: &str,
+        size: u64,
+        progress: &ProgressFn,
+    ) -> Result<bool> {
         validate_digest(digest)?;
         let meta =
             std::fs::metadata(path).map_err(|e| Error::io(format!("{}", path.display()), e))?;
@@ -823,6 +837,8 @@ impl RegistryClient {
             let result = self.execute(&t, Method::PUT, &put_url, false, &mut |rb| {
                 let f =
                     File::open(path).map_err(|e| Error::io(format!("{}", path.display()), e))?;
+                progress(&Transfer::Start { digest, size });
+                let f = Counted::new(f, digest, progress.clone());
                 Ok(rb
                     .header(CONTENT_TYPE, "application/octet-stream")
                     .header(CONTENT_LENGTH, size)

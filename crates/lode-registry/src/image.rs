@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 use crate::client::{sha256_digest, BlobReader, RegistryClient};
 use crate::error::{Error, Result};
 use crate::media::{self, Platform};
+use crate::progress::{no_progress, Counted, ProgressFn, Transfer};
 use crate::reference::{validate_digest, Reference};
 
 pub const MEDIA_TYPE_BLOB: &str = "application/vnd.lode.blob.v1";
@@ -62,6 +63,16 @@ pub fn push_image(
     dir: &Path,
     reference: &Reference,
 ) -> Result<PushSummary> {
+    push_image_with(client, dir, reference, &no_progress())
+}
+
+/// [`push_image`], reporting the uploads to `progress`.
+pub fn push_image_with(
+    client: &RegistryClient,
+    dir: &Path,
+    reference: &Reference,
+    progress: &ProgressFn,
+) -> Result<PushSummary> {
     let bad = |reason: String| Error::InvalidImageDir {
         dir: dir.to_path_buf(),
         reason,
@@ -101,24 +112,33 @@ pub fn push_image(
         bytes_uploaded: 0,
     };
     let mut done: HashMap<&str, ()> = HashMap::new();
-    let uploads = files
+    let uploads: Vec<(PathBuf, &str, u64)> = files
         .iter()
         .map(|(p, b, _)| (p.clone(), b.digest.as_str(), b.size))
         .chain(std::iter::once((
             config_path.clone(),
             config_digest.as_str(),
             config.len() as u64,
-        )));
+        )))
+        .filter(|(_, digest, _)| done.insert(digest, ()).is_none())
+        .collect();
+    progress(&Transfer::Begin {
+        blobs: uploads.len(),
+        bytes: uploads.iter().map(|u| u.2).sum(),
+    });
     for (path, digest, size) in uploads {
-        if done.insert(digest, ()).is_some() {
-            continue;
-        }
-        if client.push_blob_from_file(reference, &path, digest, size)? {
+        let moved = client.push_blob_from_file_with(reference, &path, digest, size, progress)?;
+        if moved {
             summary.blobs_uploaded += 1;
             summary.bytes_uploaded += size;
         } else {
             summary.blobs_skipped += 1;
         }
+        progress(&Transfer::Done {
+            digest,
+            size,
+            moved,
+        });
     }
 
     let descriptor =
@@ -254,6 +274,17 @@ pub fn pull_image(
     dir: &Path,
     all: bool,
 ) -> Result<PullSummary> {
+    pull_image_with(client, reference, dir, all, &no_progress())
+}
+
+/// [`pull_image`], reporting the downloads of the bootstrap and blobs to `progress`.
+pub fn pull_image_with(
+    client: &RegistryClient,
+    reference: &Reference,
+    dir: &Path,
+    all: bool,
+    progress: &ProgressFn,
+) -> Result<PullSummary> {
     let img = resolve_image(client, reference)?;
     let blobs_dir = dir.join(BLOBS_DIR);
     fs::create_dir_all(&blobs_dir).map_err(|e| Error::io(blobs_dir.display().to_string(), e))?;
@@ -263,17 +294,29 @@ pub fn pull_image(
         blobs_fetched: 0,
         blobs_present: 0,
     };
+    let wanted = if all { &img.blobs[..] } else { &[] };
+    progress(&Transfer::Begin {
+        blobs: 1 + wanted.len(),
+        bytes: img.bootstrap.size + wanted.iter().map(|b| b.size).sum::<u64>(),
+    });
     if fetch_to(
         client,
         &img.reference,
         &img.bootstrap,
         &dir.join(BOOTSTRAP_FILE),
+        progress,
     )? {
         s.bytes_fetched += img.bootstrap.size;
     }
     if all {
         for b in &img.blobs {
-            if fetch_to(client, &img.reference, b, &blobs_dir.join(b.hex()))? {
+            if fetch_to(
+                client,
+                &img.reference,
+                b,
+                &blobs_dir.join(b.hex()),
+                progress,
+            )? {
                 s.blobs_fetched += 1;
                 s.bytes_fetched += b.size;
             } else {
@@ -314,8 +357,22 @@ pub fn file_matches(path: &Path, b: &BlobRef) -> Result<bool> {
 }
 
 /// Download blob `b` to `path` unless it is there already; returns whether it downloaded.
-fn fetch_to(client: &RegistryClient, repo: &Reference, b: &BlobRef, path: &Path) -> Result<bool> {
+fn fetch_to(
+    client: &RegistryClient,
+    repo: &Reference,
+    b: &BlobRef,
+    path: &Path,
+    progress: &ProgressFn,
+) -> Result<bool> {
+    let done = |moved| {
+        progress(&Transfer::Done {
+            digest: &b.digest,
+            size: b.size,
+            moved,
+        })
+    };
     if file_matches(path, b)? {
+        done(false);
         return Ok(false);
     }
     let parent = path.parent().unwrap_or(Path::new("."));
@@ -323,7 +380,12 @@ fn fetch_to(client: &RegistryClient, repo: &Reference, b: &BlobRef, path: &Path)
         .prefix(".lode-pull-")
         .tempfile_in(parent)
         .map_err(|e| Error::io(format!("temporary file in {}", parent.display()), e))?;
-    let mut reader = client.get_blob(repo, &b.digest, Some(b.size))?;
+    progress(&Transfer::Start {
+        digest: &b.digest,
+        size: b.size,
+    });
+    let reader = client.get_blob(repo, &b.digest, Some(b.size))?;
+    let mut reader = Counted::new(reader, &b.digest, progress.clone());
     io::copy(&mut reader, tmp.as_file_mut()).map_err(|e| {
         Error::from_io(e, format!("downloading {} to {}", b.digest, path.display()))
     })?;
@@ -332,6 +394,7 @@ fn fetch_to(client: &RegistryClient, repo: &Reference, b: &BlobRef, path: &Path)
         .map_err(|e| Error::io(path.display().to_string(), e))?;
     tmp.persist(path)
         .map_err(|e| Error::io(path.display().to_string(), e.error))?;
+    done(true);
     Ok(true)
 }
 

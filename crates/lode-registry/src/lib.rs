@@ -8,6 +8,7 @@
 //!   Blocking, `Send + Sync`.
 //! - [`image`]: `push_image` / `pull_image` of a lode image directory, `pull_layers` of an
 //!   ordinary image for `lode convert`.
+//! - [`progress`]: the [`Transfer`] events a push or pull reports to its callback.
 //! - `testing` (feature `testing`): a real `docker-registry` on loopback for tests.
 
 pub mod auth;
@@ -15,6 +16,7 @@ pub mod client;
 pub mod error;
 pub mod image;
 pub mod media;
+pub mod progress;
 pub mod reference;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -23,8 +25,9 @@ pub use auth::Credentials;
 pub use client::{BlobReader, ClientOptions, FetchedManifest, RegistryClient};
 pub use error::{Error, RegistryError, RegistryErrors, Result};
 pub use image::{
-    pull_image, pull_layers, push_image, resolve_image, LayerDescriptor, PullSummary, PushSummary,
-    RemoteImage, SourceImage,
+    pull_image, pull_image_with, pull_layers, push_image, push_image_with, resolve_image,
+    LayerDescriptor, PullSummary, PushSummary, RemoteImage, SourceImage,
 };
 pub use media::{resolve_platform, IndexEntry, Platform};
+pub use progress::{ProgressFn, Transfer};
 pub use reference::{validate_digest, Reference};

@@ -65,6 +65,11 @@ impl Tuning {
         if let Some(t) = self.threads {
             opts.threads = t;
         }
+        // Fail before the data is read, not after.
+        if let Some(trace) = &self.prefetch {
+            std::fs::File::open(trace)
+                .map_err(|e| anyhow::anyhow!("cannot read trace {}: {e}", trace.display()))?;
+        }
         Ok(opts)
     }
 }
@@ -75,7 +80,7 @@ fn check_layer_file(path: &std::path::Path) -> Result<()> {
     let mut head = Vec::with_capacity(512);
     std::fs::File::open(path)
         .and_then(|f| f.take(512).read_to_end(&mut head))
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        .map_err(|e| anyhow::anyhow!("cannot read build source {}: {e}", path.display()))?;
     if !lode_builder::tarstream::looks_like_layer(&head) {
         bail!(
             "{} is not a directory, nor a layer tarball (tar, tar+gzip or tar+zstd)",
@@ -109,7 +114,9 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let opts = args.tuning.options()?;
+    let reporter = crate::progress::Reporter::new();
+    let mut opts = args.tuning.options()?;
+    opts.progress = reporter.build();
     let dict = args.chunk_dict.as_deref();
     let (report, source) = if let Some(layout) = &args.oci_layout {
         let (dir, tag) = lode_builder::oci_layout::parse_arg(layout);
@@ -137,6 +144,7 @@ pub fn run(args: Args) -> Result<()> {
             ),
         }
     };
+    reporter.clear();
     print_report(&report, &args.output, &source, args.json)
 }
 

@@ -14,19 +14,26 @@ pub struct Args {
 pub enum CacheCommand {
     /// List cached blobs: size, bytes on disk, chunks held, whether a mount uses them.
     Ls {
+        /// The cache to list.
         #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
         cache_dir: PathBuf,
+        /// Print a JSON array instead of a table: digest, size, disk_bytes, chunks,
+        /// chunks_present, last_used (seconds since the epoch), in_use.
         #[arg(long)]
         json: bool,
     },
     /// Remove cached blobs no mount uses, least recently used first, down to --max-size
     /// (default: remove every unused blob).
     Gc {
+        /// The cache to clean.
         #[arg(long, default_value = lode_storage::cache::DEFAULT_CACHE_DIR)]
         cache_dir: PathBuf,
         /// Keep at most this many bytes on disk (suffixes K, M, G).
         #[arg(long, value_parser = super::build::parse_bytes)]
         max_size: Option<u64>,
+        /// Print {"removed": [entries as in `ls --json`], "freed_bytes": N} instead of text.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -79,9 +86,15 @@ pub fn run(args: Args) -> Result<()> {
         CacheCommand::Gc {
             cache_dir,
             max_size,
+            json,
         } => {
             let removed = lode_storage::cache::gc(&cache_dir, max_size.unwrap_or(0))?;
             let freed: u64 = removed.iter().map(|e| e.disk_bytes).sum();
+            if json {
+                let v = serde_json::json!({ "removed": removed, "freed_bytes": freed });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+                return Ok(());
+            }
             for e in &removed {
                 println!(
                     "removed {} ({:.1} MB on disk)",

@@ -7,10 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use lode_builder::layers::LayerInput;
+use lode_builder::progress::{Event, Progress};
 use lode_registry::{LayerDescriptor, Platform, Reference, RegistryClient, SourceImage};
 
 use super::build::{print_report, Tuning};
-use super::registry::RegistryArgs;
+use super::registry::{explain, RegistryArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -57,26 +59,50 @@ impl Read for LazyLayer {
     }
 }
 
+/// The progress hook `inner`, shown the source layers' digests instead of `stream N`.
+fn layer_digests_shown(inner: Progress, image: &SourceImage) -> Progress {
+    if !inner.is_active() {
+        return inner;
+    }
+    let digests: Vec<String> = image.layers.iter().map(|l| l.digest.clone()).collect();
+    Progress::new(move |e| match *e {
+        Event::LayerStart {
+            index, count, size, ..
+        } => inner.emit(Event::LayerStart {
+            index,
+            count,
+            name: digests.get(index).map_or("?", |d| d),
+            size,
+        }),
+        ref other => inner.emit(other.clone()),
+    })
+}
+
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let src = Reference::parse(&args.source)?;
     let dst = Reference::parse(&args.destination)?;
     let client = Arc::new(args.registry.client()?);
+    let reporter = crate::progress::Reporter::new();
+    reporter.step("resolving", &src.to_string());
     let image = Arc::new(
         lode_registry::pull_layers(&client, &src, &Platform::host())
+            .map_err(explain)
             .with_context(|| format!("reading source image {src}"))?,
     );
     let layer_bytes: u64 = image.layers.iter().map(|l| l.size).sum();
-    let readers: Vec<Box<dyn Read + Send>> = image
+    let inputs: Vec<LayerInput> = image
         .layers
         .iter()
-        .map(|l| {
-            Box::new(LazyLayer {
+        .enumerate()
+        .map(|(i, l)| {
+            let reader = Box::new(LazyLayer {
                 client: client.clone(),
                 image: image.clone(),
                 layer: l.clone(),
                 reader: None,
-            }) as Box<dyn Read + Send>
+            });
+            LayerInput::new(format!("stream {}", i + 1), reader).with_size(l.size)
         })
         .collect();
     let tmp;
@@ -89,13 +115,15 @@ pub fn run(args: Args) -> Result<()> {
             tmp.path().join("image")
         }
     };
-    let opts = args.tuning.options()?;
-    let report =
-        lode_builder::build_layer_streams(readers, &out, &opts, args.chunk_dict.as_deref())
-            .with_context(|| format!("converting {src}"))?;
+    let mut opts = args.tuning.options()?;
+    opts.progress = layer_digests_shown(reporter.build(), &image);
+    let report = lode_builder::build_layer_inputs(inputs, &out, &opts, args.chunk_dict.as_deref())
+        .with_context(|| format!("converting {src}"))?;
     let built = started.elapsed();
-    let pushed = lode_registry::push_image(&client, &out, &dst)
+    let pushed = lode_registry::push_image_with(&client, &out, &dst, &reporter.transfer("pushing"))
+        .map_err(explain)
         .with_context(|| format!("pushing the converted image to {dst}"))?;
+    reporter.clear();
     let total = started.elapsed();
     if args.json {
         let mut v = serde_json::to_value(&report)?;

@@ -59,6 +59,27 @@ impl RegistryArgs {
     }
 }
 
+/// A registry error with what it means for the operator in front of the HTTP details.
+pub fn explain(err: lode_registry::Error) -> anyhow::Error {
+    let codes = err.registry_codes();
+    let has = |c: &str| codes.contains(&c);
+    let meaning = if has("MANIFEST_UNKNOWN") || has("NAME_UNKNOWN") {
+        Some("not found in the registry (no such repository or tag)")
+    } else if has("BLOB_UNKNOWN") {
+        Some("a blob of the image is not found in the registry")
+    } else if err.is_not_found() {
+        Some("not found in the registry")
+    } else if matches!(err.status(), Some(401 | 403)) || has("DENIED") || has("UNAUTHORIZED") {
+        Some("access denied (credentials: --creds, LODE_REGISTRY_AUTH or docker config.json)")
+    } else {
+        None
+    };
+    match meaning {
+        Some(m) => anyhow::Error::new(err).context(m),
+        None => err.into(),
+    }
+}
+
 #[derive(clap::Args)]
 pub struct PushArgs {
     /// Image directory to push.
@@ -73,8 +94,16 @@ pub fn push(args: PushArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
     let client = args.registry.client()?;
     let started = Instant::now();
-    let s = lode_registry::push_image(&client, &args.image, &reference)
-        .with_context(|| format!("pushing {} to {reference}", args.image.display()))?;
+    let reporter = crate::progress::Reporter::new();
+    let s = lode_registry::push_image_with(
+        &client,
+        &args.image,
+        &reference,
+        &reporter.transfer("pushing"),
+    )
+    .map_err(explain)
+    .with_context(|| format!("pushing {} to {reference}", args.image.display()))?;
+    reporter.clear();
     println!(
         "pushed {} to {reference}@{}: {} blobs uploaded ({:.1} MB), {} already there, {:.2} s",
         args.image.display(),
@@ -104,8 +133,17 @@ pub fn pull(args: PullArgs) -> Result<()> {
     let reference = Reference::parse(&args.reference)?;
     let client = args.registry.client()?;
     let started = Instant::now();
-    let s = lode_registry::pull_image(&client, &reference, &args.output, args.all)
-        .with_context(|| format!("pulling {reference}"))?;
+    let reporter = crate::progress::Reporter::new();
+    let s = lode_registry::pull_image_with(
+        &client,
+        &reference,
+        &args.output,
+        args.all,
+        &reporter.transfer("pulling"),
+    )
+    .map_err(explain)
+    .with_context(|| format!("pulling {reference}"))?;
+    reporter.clear();
     println!(
         "pulled {reference}@{} into {}: {:.1} MB fetched, {} blobs fetched, {} already present, {:.2} s",
         s.manifest_digest,

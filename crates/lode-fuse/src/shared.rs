@@ -56,6 +56,8 @@ pub enum Counter {
     FetchErrors,
     /// Reads that needed data not yet in the cache (each waited for a fetch).
     FetchMisses,
+    /// Requests sent for those reads (the rest were background prefetch).
+    FetchForegroundRequests,
     Last,
 }
 
@@ -275,6 +277,7 @@ pub fn snapshot(s: &Shared) -> serde_json::Value {
         "fetch_bytes": s.get(Counter::FetchBytes),
         "fetch_errors": s.get(Counter::FetchErrors),
         "fetch_misses": s.get(Counter::FetchMisses),
+        "fetch_foreground_requests": s.get(Counter::FetchForegroundRequests),
     })
 }
 

@@ -119,7 +119,7 @@ fn publish_fetch_stats(shared: Arc<Shared>, stats: Arc<FetchStats>) {
     let _ = std::thread::Builder::new()
         .name("lode-fuse-stats".into())
         .spawn(move || {
-            let mut last = (0u64, 0u64, 0u64, 0u64);
+            let mut last = (0u64, 0u64, 0u64, 0u64, 0u64);
             loop {
                 std::thread::sleep(std::time::Duration::from_millis(200));
                 let s = stats.snapshot();
@@ -127,7 +127,14 @@ fn publish_fetch_stats(shared: Arc<Shared>, stats: Arc<FetchStats>) {
                 shared.add(Counter::FetchBytes, s.bytes_fetched - last.1);
                 shared.add(Counter::FetchErrors, s.errors - last.2);
                 shared.add(Counter::FetchMisses, s.misses - last.3);
-                last = (s.requests, s.bytes_fetched, s.errors, s.misses);
+                shared.add(Counter::FetchForegroundRequests, s.foreground_requests - last.4);
+                last = (
+                    s.requests,
+                    s.bytes_fetched,
+                    s.errors,
+                    s.misses,
+                    s.foreground_requests,
+                );
             }
         });
 }

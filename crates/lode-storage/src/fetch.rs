@@ -66,6 +66,9 @@ pub struct FetchStats {
     pub misses: AtomicU64,
     /// Waits on a fetch another caller had started (single flight).
     pub shared_waits: AtomicU64,
+    /// Requests sent for `ensure` misses (a reader waited for each); the rest of
+    /// `requests` were background prefetch (or retries).
+    pub foreground_requests: AtomicU64,
     pub retries: AtomicU64,
     /// Chunks whose digest did not match (corrupt data from the backend).
     pub verify_failures: AtomicU64,
@@ -101,6 +104,7 @@ impl FetchStats {
             hits: l(&self.hits),
             misses: l(&self.misses),
             shared_waits: l(&self.shared_waits),
+            foreground_requests: l(&self.foreground_requests),
             retries: l(&self.retries),
             verify_failures: l(&self.verify_failures),
             errors: l(&self.errors),
@@ -120,6 +124,7 @@ pub struct FetchStatsSnapshot {
     pub hits: u64,
     pub misses: u64,
     pub shared_waits: u64,
+    pub foreground_requests: u64,
     pub retries: u64,
     pub verify_failures: u64,
     pub errors: u64,
@@ -241,17 +246,18 @@ impl BlobFetcher {
             return Ok(());
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        self.foreground.fetch_add(1, Ordering::AcqRel);
-        let r = self.fetch_chunks(required, self.opts.readahead);
-        self.foreground.fetch_sub(1, Ordering::AcqRel);
-        r
+        self.fetch_chunks(required, self.opts.readahead, true)
     }
 
     /// Fetches chunks `required` (and readahead after them), waiting for those others fetch.
+    /// A `foreground` caller that sends requests of its own pauses background prefetch
+    /// while they run; one that only waits for fetches in flight (often the prefetch's own)
+    /// does not.
     fn fetch_chunks(
         &self,
         required: std::ops::Range<usize>,
         readahead: u64,
+        foreground: bool,
     ) -> Result<(), FetchError> {
         let entries = &self.cached.table.entries;
         // Extend with readahead chunks (not waited on).
@@ -288,8 +294,12 @@ impl BlobFetcher {
                 }
             }
         }
+        let _pause = (foreground && !mine.is_empty()).then(|| Foreground::enter(&self.foreground));
         let mut first_error: Option<String> = None;
         for run in self.runs(&mine) {
+            if foreground {
+                self.stats.foreground_requests.fetch_add(1, Ordering::Relaxed);
+            }
             let r = self.fetch_run(&run);
             let flights: Vec<Arc<Flight>> = {
                 let mut inflight = self.inflight.lock().expect("inflight lock");
@@ -428,7 +438,7 @@ impl BlobFetcher {
             batch.sort_unstable();
             batch.dedup();
             for run in group_consecutive(batch) {
-                self.fetch_chunks(run.clone(), 0)?;
+                self.fetch_chunks(run.clone(), 0, false)?;
             }
             batch.clear();
             Ok(())
@@ -453,6 +463,22 @@ impl BlobFetcher {
     }
 }
 
+/// Counts a foreground fetch in flight for as long as it lives.
+struct Foreground<'a>(&'a AtomicUsize);
+
+impl<'a> Foreground<'a> {
+    fn enter(n: &'a AtomicUsize) -> Foreground<'a> {
+        n.fetch_add(1, Ordering::AcqRel);
+        Foreground(n)
+    }
+}
+
+impl Drop for Foreground<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 fn group_consecutive(sorted: &[usize]) -> Vec<std::ops::Range<usize>> {
     let mut out: Vec<std::ops::Range<usize>> = Vec::new();
     for &i in sorted {
@@ -472,15 +498,20 @@ fn chunk_end(e: &ChunkEntry) -> u64 {
     chunk_start(e) + (e.uncompressed_len.get() as u64).next_multiple_of(BLOB_BLOCK_SIZE)
 }
 
+/// Requests a prefetch list keeps in flight at once. A trace's files are scattered over
+/// the blobs (one request each, mostly): in parallel the list is fetched well ahead of the
+/// workload that made the trace, one after the other hardly faster than that workload.
+pub const PREFETCH_PARALLEL: usize = 16;
+
 /// Fetches an image's prefetch list (extents of its blobs, in list order) into the cache,
-/// yielding to foreground fetches. Extents naming a blob not in `fetchers` are skipped. Goes
-/// on past a failure; returns the last one.
+/// up to [`PREFETCH_PARALLEL`] extents at a time, yielding to foreground fetches. Extents
+/// naming a blob not in `fetchers` are skipped. Goes on past a failure; returns the last.
 pub fn prefetch_extents(
     fetchers: &[Arc<BlobFetcher>],
     list: &[lode_format::manifest::PrefetchExtent],
     limits: &PrefetchLimits,
 ) -> Result<(), FetchError> {
-    let mut failed = Ok(());
+    let mut jobs: Vec<(usize, std::ops::Range<usize>)> = Vec::new();
     for ext in list {
         let Some(f) = fetchers.get(ext.blob as usize) else {
             tracing::warn!(
@@ -489,11 +520,30 @@ pub fn prefetch_extents(
             );
             continue;
         };
-        if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), limits) {
-            failed = Err(e);
+        let chunks = f.chunks_in(ext.offset, ext.len);
+        match jobs.last_mut() {
+            Some((b, r)) if *b == ext.blob as usize && r.end == chunks.start => r.end = chunks.end,
+            _ => jobs.push((ext.blob as usize, chunks)),
         }
     }
-    failed
+    let next = AtomicUsize::new(0);
+    let failed: Mutex<Option<FetchError>> = Mutex::new(None);
+    std::thread::scope(|s| {
+        for _ in 0..PREFETCH_PARALLEL.min(jobs.len()) {
+            s.spawn(|| loop {
+                let Some((b, chunks)) = jobs.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                    return;
+                };
+                if let Err(e) = fetchers[*b].prefetch(chunks.clone(), limits) {
+                    *failed.lock().expect("prefetch lock") = Some(e);
+                }
+            });
+        }
+    });
+    match failed.into_inner().expect("prefetch lock") {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// Bandwidth limit shared by background prefetchers (a token bucket; 0 = unlimited).

@@ -645,7 +645,8 @@ impl Served {
         loop {
             let mut failed = None;
             // The image's prefetch list first, in its order; then, if asked, everything.
-            if let Err(e) = prefetch_extents(&self.fetchers, &self.spec.manifest.prefetch, &limits) {
+            if let Err(e) = prefetch_extents(&self.fetchers, &self.spec.manifest.prefetch, &limits)
+            {
                 failed = Some(e.to_string());
             }
             if self.spec.prefetch_all {

@@ -243,7 +243,10 @@ mod tests {
             len,
         };
         // Blob 0, one page inside /a's second chunk (the shared first chunk is /a's).
-        assert_eq!(idx.files_in(0, 8192, 12288), vec![r("/a", 10000, 8192, 1808)]);
+        assert_eq!(
+            idx.files_in(0, 8192, 12288),
+            vec![r("/a", 10000, 8192, 1808)]
+        );
         assert_eq!(
             idx.files_in(0, 4096, 12288),
             vec![r("/a", 10000, 4096, 4096), r("/a", 10000, 8192, 1808)]
@@ -262,7 +265,9 @@ mod tests {
         let root = image.inode(image.root_nid()).unwrap();
         let a_nid = image.lookup(&root, b"a").unwrap().unwrap();
         assert_eq!(idx.path_of(a_nid), Some((&b"/a"[..], 10000)));
-        let d = image.inode(image.lookup(&root, b"d").unwrap().unwrap()).unwrap();
+        let d = image
+            .inode(image.lookup(&root, b"d").unwrap().unwrap())
+            .unwrap();
         let c_nid = image.lookup(&d, b"c").unwrap().unwrap();
         assert_eq!(idx.path_of(c_nid), Some((&b"/d/c"[..], 8192)));
         assert_eq!(idx.path_of(image.root_nid()), None);

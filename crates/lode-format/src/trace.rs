@@ -80,14 +80,18 @@ mod tests {
     fn lines_round_trip() {
         let mut out = Vec::new();
         assert!(write_entry(&mut out, b"/a b/c", true, &[(0, 10)]));
-        assert!(write_entry(&mut out, b"/x", false, &[(0, 4096), (8192, 10)]));
+        assert!(write_entry(
+            &mut out,
+            b"/x",
+            false,
+            &[(0, 4096), (8192, 10)]
+        ));
         assert!(write_entry(&mut out, b"/odd 1 2", true, &[(0, 7)]));
         assert!(!write_entry(&mut out, b"/new\nline", true, &[]));
         assert!(!write_entry(&mut out, b"relative", true, &[]));
         let text = String::from_utf8(out.clone()).unwrap();
         assert_eq!(
-            text,
-            "/a b/c\n/x 0 4096\n/x 8192 10\n/odd 1 2 0 7\n",
+            text, "/a b/c\n/x 0 4096\n/x 8192 10\n/odd 1 2 0 7\n",
             "{text}"
         );
         let parsed: Vec<_> = out

@@ -24,10 +24,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use fuser::{Session, SessionACL};
-use lode_format::reader::Image;
-use lode_storage::cache::BlobCache;
 use lode_format::manifest::PrefetchExtent;
+use lode_format::reader::Image;
 use lode_format::reverse::FileIndex;
+use lode_storage::cache::BlobCache;
 use lode_storage::fetch::{
     prefetch_extents, BlobFetcher, FetchOptions, FetchStats, LazyDevice, PrefetchLimits,
 };
@@ -127,7 +127,10 @@ fn publish_fetch_stats(shared: Arc<Shared>, stats: Arc<FetchStats>) {
                 shared.add(Counter::FetchBytes, s.bytes_fetched - last.1);
                 shared.add(Counter::FetchErrors, s.errors - last.2);
                 shared.add(Counter::FetchMisses, s.misses - last.3);
-                shared.add(Counter::FetchForegroundRequests, s.foreground_requests - last.4);
+                shared.add(
+                    Counter::FetchForegroundRequests,
+                    s.foreground_requests - last.4,
+                );
                 last = (
                     s.requests,
                     s.bytes_fetched,
@@ -148,12 +151,12 @@ fn start_prefetch(fetchers: Vec<Arc<BlobFetcher>>, list: &[PrefetchExtent]) {
     let list = list.to_vec();
     let spawned = std::thread::Builder::new()
         .name("lode-prefetch".into())
-        .spawn(move || {
-            match prefetch_extents(&fetchers, &list, &PrefetchLimits::default()) {
+        .spawn(
+            move || match prefetch_extents(&fetchers, &list, &PrefetchLimits::default()) {
                 Ok(()) => tracing::info!(extents = list.len(), "background prefetch done"),
                 Err(e) => tracing::warn!("prefetch: {e} (reads fetch what they need)"),
-            }
-        });
+            },
+        );
     if let Err(e) = spawned {
         tracing::warn!("starting the prefetch thread: {e}");
     }
@@ -208,8 +211,8 @@ fn open_fs(cfg: &WorkerConfig, shared: Arc<Shared>, fuse_fd: OwnedFd) -> Result<
     }
     let trace = match &m.record_trace {
         Some(path) => {
-            let index = FileIndex::build(&image)
-                .context("mapping the image's files for --record-trace")?;
+            let index =
+                FileIndex::build(&image).context("mapping the image's files for --record-trace")?;
             let rec = TraceRecorder::resume(path)?;
             // `lode umount` stops the worker with SIGTERM: write the trace first.
             rec.exit_on_sigterm();

@@ -298,7 +298,9 @@ impl BlobFetcher {
         let mut first_error: Option<String> = None;
         for run in self.runs(&mine) {
             if foreground {
-                self.stats.foreground_requests.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .foreground_requests
+                    .fetch_add(1, Ordering::Relaxed);
             }
             let r = self.fetch_run(&run);
             let flights: Vec<Arc<Flight>> = {

@@ -44,7 +44,11 @@ impl Entry {
             return false;
         }
         let i = self.ranges.partition_point(|r| r.1 < start);
-        if self.ranges.get(i).is_some_and(|r| r.0 <= start && end <= r.1) {
+        if self
+            .ranges
+            .get(i)
+            .is_some_and(|r| r.0 <= start && end <= r.1)
+        {
             return false;
         }
         // Merge every range touching [start, end).
@@ -93,7 +97,11 @@ impl TraceRecorder {
                     // A line this recorder did not write is kept if it parses, else skipped.
                     let Ok(Some((p, range))) = trace::parse_line(line) else {
                         if !line.is_empty() && !line.starts_with(b"#") {
-                            tracing::warn!("{}:{}: not a trace line; dropped", path.display(), n + 1);
+                            tracing::warn!(
+                                "{}:{}: not a trace line; dropped",
+                                path.display(),
+                                n + 1
+                            );
                         }
                         continue;
                     };
@@ -151,7 +159,8 @@ impl TraceRecorder {
                 return Ok(());
             }
             st.dirty = false;
-            let mut out = b"# lode access trace: PATH or PATH OFFSET LEN, in first-access order\n".to_vec();
+            let mut out =
+                b"# lode access trace: PATH or PATH OFFSET LEN, in first-access order\n".to_vec();
             for e in &st.entries {
                 let ranges: Vec<(u64, u64)> =
                     e.ranges.iter().map(|&(s, end)| (s, end - s)).collect();

@@ -17,6 +17,7 @@ pub mod compare;
 pub mod faultproxy;
 pub mod mount;
 pub mod oci;
+pub mod procs;
 pub mod tree;
 
 pub use compare::{

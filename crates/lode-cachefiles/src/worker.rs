@@ -26,7 +26,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
 use lode_storage::cache::BlobCache;
-use lode_storage::fetch::BlobFetcher;
+use lode_storage::fetch::{BlobFetcher, PrefetchLimits};
 use lode_storage::image::{open_image, ImageSource, OpenedImage};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -613,6 +613,9 @@ impl Worker {
             blobs = image.manifest.blobs.len(),
             "image added"
         );
+        // The image's prefetch list into lode's blob cache from the start: the kernel's
+        // READs of those ranges are then served without a remote fetch.
+        let _ = image.start_prefetch(false, Arc::new(PrefetchLimits::default()));
         images.insert(
             fsid.clone(),
             Entry {

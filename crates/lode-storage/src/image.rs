@@ -246,14 +246,8 @@ impl OpenedImage {
         std::thread::Builder::new()
             .name("lode-prefetch".into())
             .spawn(move || {
-                for ext in &list {
-                    let Some(f) = fetchers.get(ext.blob as usize) else {
-                        tracing::warn!(image = %name, blob = ext.blob, "prefetch list names a blob the image does not have");
-                        continue;
-                    };
-                    if let Err(e) = f.prefetch(f.chunks_in(ext.offset, ext.len), &limits) {
-                        tracing::warn!(image = %name, "prefetch: {e}");
-                    }
+                if let Err(e) = crate::fetch::prefetch_extents(&fetchers, &list, &limits) {
+                    tracing::warn!(image = %name, "prefetch: {e}");
                 }
                 if everything {
                     for f in &fetchers {

@@ -1,6 +1,7 @@
 //! `lode build`: a directory tree, OCI layer tarballs or an OCI image layout into an image
 //! directory.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
@@ -155,13 +156,16 @@ pub fn print_report(
     source: &str,
     json: bool,
 ) -> Result<()> {
+    // Written, not println!'d: `lode … | head` ends quietly on a closed pipe.
+    let mut out = std::io::stdout().lock();
     if json {
         let mut v = serde_json::to_value(report)?;
         v["elapsed_seconds"] = report.elapsed.as_secs_f64().into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
     } else {
         let secs = report.elapsed.as_secs_f64();
-        println!(
+        writeln!(
+            out,
             "built {} from {}: {} inodes, {} files ({} inlined), {:.1} MB in {:.2} s ({:.0} MB/s)",
             output.display(),
             source,
@@ -171,8 +175,9 @@ pub fn print_report(
             report.input_bytes as f64 / 1e6,
             secs,
             report.input_bytes as f64 / 1e6 / secs.max(1e-9),
-        );
-        println!(
+        )?;
+        writeln!(
+            out,
             "bootstrap {:.1} MB, blobs {:.1} MB ({:.1} MB uncompressed); {} chunks, {} unique, {} holes, {:.1} MB deduplicated",
             report.bootstrap_bytes as f64 / 1e6,
             report.blob_bytes as f64 / 1e6,
@@ -181,9 +186,10 @@ pub fn print_report(
             report.unique_chunks,
             report.hole_chunks,
             report.deduplicated_bytes as f64 / 1e6,
-        );
+        )?;
         for (i, l) in report.layers.iter().enumerate() {
-            println!(
+            writeln!(
+                out,
                 "layer {} {}: {:?}, {:.1} MB read, {:.1} MB tar, {} entries, {:.1} MB new in blob {}, {:.1} MB deduplicated",
                 i + 1,
                 l.name,
@@ -194,7 +200,7 @@ pub fn print_report(
                 l.stored_bytes as f64 / 1e6,
                 l.blob.as_deref().map_or("(none)", |d| &d[..d.len().min(19)]),
                 l.deduplicated_bytes as f64 / 1e6,
-            );
+            )?;
         }
         for (i, l) in report.layers.iter().enumerate() {
             for w in &l.warnings {
@@ -202,19 +208,21 @@ pub fn print_report(
             }
         }
         if !report.dict_blobs.is_empty() {
-            println!(
+            writeln!(
+                out,
                 "{} blob(s) of the chunk dictionary are used and were placed in the output",
                 report.dict_blobs.len()
-            );
+            )?;
         }
         if let Some(p) = &report.prefetch {
-            println!(
+            writeln!(
+                out,
                 "prefetch list: {} trace entries ({} skipped: not in the image or inline) -> {} ranges, {:.1} MB",
                 p.entries,
                 p.skipped,
                 p.extents,
                 p.bytes as f64 / 1e6
-            );
+            )?;
         }
     }
     Ok(())

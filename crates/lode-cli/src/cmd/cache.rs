@@ -1,5 +1,6 @@
 //! `lode cache ls` and `lode cache gc`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 
 use anyhow::Result;
@@ -52,19 +53,22 @@ fn when(secs: i64) -> String {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    let mut out = std::io::stdout().lock();
     match args.command {
         CacheCommand::Ls { cache_dir, json } => {
             let entries = lode_storage::cache::list(&cache_dir)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&entries)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&entries)?)?;
                 return Ok(());
             }
-            println!(
+            writeln!(
+                out,
                 "{:<19} {:>10} {:>10} {:>15} {:>10} IN USE",
                 "BLOB", "SIZE", "ON DISK", "CHUNKS", "USED"
-            );
+            )?;
             for e in &entries {
-                println!(
+                writeln!(
+                    out,
                     "{:<19} {:>9.1}M {:>9.1}M {:>7}/{:<7} {:>10} {}",
                     &e.digest[..19.min(e.digest.len())],
                     e.size as f64 / 1e6,
@@ -73,15 +77,16 @@ pub fn run(args: Args) -> Result<()> {
                     e.chunks,
                     when(e.last_used),
                     if e.in_use { "yes" } else { "no" }
-                );
+                )?;
             }
             let disk: u64 = entries.iter().map(|e| e.disk_bytes).sum();
-            println!(
+            writeln!(
+                out,
                 "{} blobs, {:.1} MB on disk in {}",
                 entries.len(),
                 disk as f64 / 1e6,
                 cache_dir.display()
-            );
+            )?;
         }
         CacheCommand::Gc {
             cache_dir,
@@ -92,21 +97,23 @@ pub fn run(args: Args) -> Result<()> {
             let freed: u64 = removed.iter().map(|e| e.disk_bytes).sum();
             if json {
                 let v = serde_json::json!({ "removed": removed, "freed_bytes": freed });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
                 return Ok(());
             }
             for e in &removed {
-                println!(
+                writeln!(
+                    out,
                     "removed {} ({:.1} MB on disk)",
                     e.digest,
                     e.disk_bytes as f64 / 1e6
-                );
+                )?;
             }
-            println!(
+            writeln!(
+                out,
                 "{} blobs removed, {:.1} MB freed",
                 removed.len(),
                 freed as f64 / 1e6
-            );
+            )?;
         }
     }
     Ok(())

@@ -2,6 +2,7 @@
 //! pushed to a registry.
 
 use std::io::Read;
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -125,6 +126,7 @@ pub fn run(args: Args) -> Result<()> {
         .with_context(|| format!("pushing the converted image to {dst}"))?;
     reporter.clear();
     let total = started.elapsed();
+    let mut stdout = std::io::stdout().lock();
     if args.json {
         let mut v = serde_json::to_value(&report)?;
         v["source"] = src.to_string().into();
@@ -132,21 +134,23 @@ pub fn run(args: Args) -> Result<()> {
         v["source_layer_bytes"] = layer_bytes.into();
         v["convert_seconds"] = built.as_secs_f64().into();
         v["total_seconds"] = total.as_secs_f64().into();
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(stdout, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     print_report(&report, &out, &src.to_string(), false)?;
     let dedup = report.deduplicated_bytes as f64
         / (report.stored_bytes + report.deduplicated_bytes).max(1) as f64;
-    println!(
+    writeln!(
+        stdout,
         "converted {src} ({} layers, {:.1} MB compressed, {:.1} MB uncompressed) in {:.2} s ({:.0} MB/s uncompressed)",
         image.layers.len(),
         layer_bytes as f64 / 1e6,
         report.input_bytes as f64 / 1e6,
         built.as_secs_f64(),
         report.input_bytes as f64 / 1e6 / built.as_secs_f64().max(1e-9),
-    );
-    println!(
+    )?;
+    writeln!(
+        stdout,
         "pushed {dst}@{}: bootstrap {:.1} MB + blobs {:.1} MB ({:.0}% of the source layers), dedup {:.1}%, total {:.2} s",
         pushed.manifest_digest,
         report.bootstrap_bytes as f64 / 1e6,
@@ -154,6 +158,6 @@ pub fn run(args: Args) -> Result<()> {
         100.0 * (report.bootstrap_bytes + report.blob_bytes) as f64 / layer_bytes.max(1) as f64,
         100.0 * dedup,
         total.as_secs_f64(),
-    );
+    )?;
     Ok(())
 }

@@ -1,5 +1,6 @@
 //! `lode push`, `lode pull` and the registry options they share with `convert` and `mount`.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -104,7 +105,9 @@ pub fn push(args: PushArgs) -> Result<()> {
     .map_err(explain)
     .with_context(|| format!("pushing {} to {reference}", args.image.display()))?;
     reporter.clear();
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "pushed {} to {reference}@{}: {} blobs uploaded ({:.1} MB), {} already there, {:.2} s",
         args.image.display(),
         s.manifest_digest,
@@ -112,7 +115,7 @@ pub fn push(args: PushArgs) -> Result<()> {
         s.bytes_uploaded as f64 / 1e6,
         s.blobs_skipped,
         started.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }
 
@@ -134,6 +137,7 @@ pub fn pull(args: PullArgs) -> Result<()> {
     let client = args.registry.client()?;
     let started = Instant::now();
     let reporter = crate::progress::Reporter::new();
+    reporter.step("resolving", &reference.to_string());
     let s = lode_registry::pull_image_with(
         &client,
         &reference,
@@ -144,7 +148,9 @@ pub fn pull(args: PullArgs) -> Result<()> {
     .map_err(explain)
     .with_context(|| format!("pulling {reference}"))?;
     reporter.clear();
-    println!(
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
         "pulled {reference}@{} into {}: {:.1} MB fetched, {} blobs fetched, {} already present, {:.2} s",
         s.manifest_digest,
         args.output.display(),
@@ -152,6 +158,6 @@ pub fn pull(args: PullArgs) -> Result<()> {
         s.blobs_fetched,
         s.blobs_present,
         started.elapsed().as_secs_f64()
-    );
+    )?;
     Ok(())
 }

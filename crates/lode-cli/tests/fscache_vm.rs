@@ -26,7 +26,7 @@ use lode_testkit::mount::require_root;
 use lode_testkit::tree::{materialize, EntryKind, FileData, Meta, TreeSpec};
 
 /// PASS lines fscache_vm.sh prints when everything works.
-const EXPECTED_CHECKS: usize = 27;
+const EXPECTED_CHECKS: usize = 30;
 
 /// Longest the VM may run (boot + every check), so a hang fails the test instead of CI.
 const VM_TIMEOUT: Duration = Duration::from_secs(25 * 60);

@@ -154,6 +154,30 @@ sleep 2
 sync; echo 3 >/proc/sys/vm/drop_caches
 (cd mB && cmp -s tiny "$W/TB/tiny") && (cd mC && sha256sum --quiet -c "$W/C.sums" >/dev/null 2>&1) && ok still-serving || bad still-serving
 
+# 9a. Auto mode on this kernel (no fanotify pre-content events): cachefiles is chosen, by
+#     `lode mount` itself and by a `lode daemon` serving the request; status and ls see it.
+out=$("$L" mount A mX --cache-dir "$C" 2>&1)
+if [[ "$out" == *"--mode auto chose fscache"* ]] && cmp -s mX/data/f1 TA/data/f1; then
+  ok auto-mode-fscache "$(echo "$out" | grep chose | cut -c1-120)"
+else
+  bad auto-mode-fscache "$out"
+fi
+st=$("$L" status mX --json 2>&1)
+[[ "$st" == *'"mode": "fscache"'* && "$st" == *'"state": "serving"'* ]] && ok status-fscache || bad status-fscache "$(echo "$st" | head -c 600)"
+"$L" umount mX || bad auto-umount
+S=/run/lode/vm-test.sock
+"$L" daemon --socket "$S" --cache-dir "$C" >daemon-api.log 2>&1 & dpid=$!
+for _ in $(seq 100); do [ -S "$S" ] && break; sleep 0.1; done
+out=$(LODE_SOCKET=$S "$L" mount A mX 2>&1)
+ls_json=$(LODE_SOCKET=$S "$L" ls --json 2>&1)
+if [[ "$out" == *"chose fscache"* && "$ls_json" == *'"mode": "fscache"'* ]] && cmp -s mX/data/f1 TA/data/f1; then
+  ok daemon-auto-mode-fscache
+else
+  bad daemon-auto-mode-fscache "$out $(echo "$ls_json" | head -c 400) $(tail -5 daemon-api.log)"
+fi
+LODE_SOCKET=$S "$L" umount mX || bad daemon-umount
+kill "$dpid"; wait "$dpid" 2>/dev/null
+
 # 9. Everything unmounts; the daemon exits; the cache filesystem is not busy.
 "$L" umount mB && "$L" umount mC && "$L" umount mD && ok umount-all || bad umount-all
 daemon_gone && ok daemon-exits-final || bad daemon-exits-final

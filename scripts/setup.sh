@@ -49,7 +49,7 @@ BASE_PACKAGES=(
   zstd            # zstd CLI: zstd-compressed layer tarballs (tests, bench/convert.sh)
   tar             # GNU tar: layer tarballs (pax/gnu/sparse/xattrs) and reference extraction
   gzip            # gzip-compressed layer tarballs
-  podman          # bench/run: `podman run --rootfs` on a lazy mount
+  podman          # tests/podman.rs, bench/run: `podman run --rootfs` on a lazy mount
   iputils-ping    # bench/run: verifies the shaped link's RTT
   iproute2        # bench/run: network namespace, tc
   strace          # bench/run: the workload's file trace (prefetch list)

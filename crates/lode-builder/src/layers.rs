@@ -82,6 +82,9 @@ pub struct LayerOptions {
     pub inline_max: u64,
     pub threads: usize,
     pub progress: Progress,
+    /// Paths (relative, `/`-separated) of the files an access trace names: their chunks go to
+    /// the prefetch blob.
+    pub hot: std::sync::Arc<HashSet<Vec<u8>>>,
 }
 
 /// What one layer contributed.
@@ -141,6 +144,7 @@ struct Work {
     node: NodeId,
     index: u32,
     buf: Vec<u8>,
+    hot: bool,
 }
 
 enum Msg {
@@ -151,6 +155,8 @@ enum Msg {
         /// `None`: all zeros.
         prepared: Option<PreparedChunk>,
         buf: Vec<u8>,
+        /// Goes to the prefetch blob.
+        hot: bool,
     },
     EndLayer {
         seq: u64,
@@ -218,6 +224,7 @@ pub fn apply_layers(
             dropped_warnings: 0,
             progress: opts.progress.clone(),
             batch: DataBatch::new(opts.progress.clone()),
+            hot: opts.hot.clone(),
             source_read: Rc::new(Cell::new(0)),
             read_ticker: ReadTicker::new(),
         };
@@ -299,6 +306,7 @@ fn worker(rx: Receiver<Work>, tx: Sender<Msg>, mut compressor: Compressor) {
             index: w.index,
             prepared,
             buf: w.buf,
+            hot: w.hot,
         };
         if tx.send(msg).is_err() {
             return;
@@ -328,12 +336,17 @@ fn storer(store: &mut ChunkStore, rx: Receiver<Msg>, free: Sender<Vec<u8>>) -> R
                     index,
                     prepared,
                     buf,
+                    hot,
                     ..
                 } => {
                     match prepared {
                         None => out.zero_chunks += 1,
                         Some(p) => {
-                            let addr = store.put(&p, &buf)?;
+                            let addr = if hot {
+                                store.put_hot(&p, &buf)?
+                            } else {
+                                store.put(&p, &buf)?
+                            };
                             out.addrs.push((node, index, addr));
                         }
                     }
@@ -385,6 +398,7 @@ struct Applier {
     dropped_warnings: u64,
     progress: Progress,
     batch: DataBatch,
+    hot: std::sync::Arc<HashSet<Vec<u8>>>,
     /// Compressed bytes read from the current layer's source.
     source_read: Rc<Cell<u64>>,
     read_ticker: ReadTicker,
@@ -843,6 +857,8 @@ impl Applier {
         }
         let cs = 1u64 << self.chunk_bits;
         let n = size.div_ceil(cs);
+        let hot = !self.hot.is_empty()
+            && normalize(&e.path).is_ok_and(|c| self.hot.contains(&c.join(&b'/')));
         ensure!(
             n <= MAX_CHUNKS_PER_FILE,
             "a file of {size} bytes has more than {MAX_CHUNKS_PER_FILE} chunks of {cs} bytes (use a larger --chunk-size)"
@@ -901,6 +917,7 @@ impl Applier {
                 node,
                 index: c as u32,
                 buf,
+                hot,
             };
             if self.work.send(work).is_err() {
                 return Err(self.closed());

@@ -139,7 +139,10 @@ pub fn build_dir_with_dict(
     let blobs_dir = out.join(manifest::BLOBS_DIR);
     fs::create_dir_all(&blobs_dir).with_context(|| format!("creating {}", blobs_dir.display()))?;
 
-    let (mut tree, jobs) = walk::scan(src)?;
+    let (mut tree, mut jobs) = walk::scan(src)?;
+    // The files an access trace names are stored first, in trace order: a mount prefetches
+    // them with a few large requests.
+    prefetch::order_jobs(&mut jobs, src, opts.prefetch.as_deref())?;
     opts.progress.emit(progress::Event::Scanned {
         files: jobs.len() as u64,
         bytes: jobs.iter().map(|j| j.size).sum(),
@@ -252,6 +255,7 @@ pub fn build_layer_inputs(
             inline_max: opts.inline_max,
             threads: opts.threads,
             progress: opts.progress.clone(),
+            hot: std::sync::Arc::new(prefetch::traced_paths(opts.prefetch.as_deref())?),
         },
     )?;
     let mut tree = applied.tree;

@@ -5,6 +5,7 @@
 //! Paths that are not regular files of the image are skipped and counted (a trace of an
 //! older image version still helps).
 
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -77,9 +78,78 @@ pub fn resolve(tree: &Tree, path: &Path) -> Result<(Vec<PrefetchExtent>, Prefetc
             }
         }
     }
+    // Fetch order is blob order: the traced files' chunks lie together (see `order_jobs` and
+    // the prefetch blob of layer builds), so sorted they merge into a few long extents that a
+    // mount fetches in parallel pieces.
+    out.sort_by_key(|e| (e.blob, e.offset));
+    let mut merged: Vec<PrefetchExtent> = Vec::with_capacity(out.len());
+    for e in out {
+        match merged.last_mut() {
+            Some(last) if last.blob == e.blob && e.offset <= last.offset + last.len => {
+                last.len = last.len.max(e.offset + e.len - last.offset);
+            }
+            _ => merged.push(e),
+        }
+    }
+    let out = merged;
     report.extents = out.len() as u64;
     report.bytes = out.iter().map(|e| e.len).sum();
     Ok((out, report))
+}
+
+/// The paths an access trace names, relative and `/`-separated (`usr/lib/x`), as layer
+/// entries are normalized; empty without a trace.
+pub fn traced_paths(trace: Option<&Path>) -> Result<HashSet<Vec<u8>>> {
+    Ok(traced_in_order(trace)?.into_iter().collect())
+}
+
+fn traced_in_order(trace: Option<&Path>) -> Result<Vec<Vec<u8>>> {
+    let Some(path) = trace else {
+        return Ok(Vec::new());
+    };
+    let text = std::fs::read(path).with_context(|| format!("reading trace {}", path.display()))?;
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for (lineno, line) in text.split(|&b| b == b'\n').enumerate() {
+        let entry = trace::parse_line(line)
+            .with_context(|| format!("{}:{}: bad trace line", path.display(), lineno + 1))?;
+        if let Some((file, _)) = entry {
+            let rel: Vec<&[u8]> = file
+                .split(|&b| b == b'/')
+                .filter(|c| !c.is_empty() && *c != b".")
+                .collect();
+            let rel = rel.join(&b'/');
+            if seen.insert(rel.clone()) {
+                out.push(rel);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Puts the files the trace names first, in trace order (the rest keep their order), so their
+/// chunks lie together at the start of the blob.
+pub fn order_jobs(jobs: &mut [crate::walk::FileJob], src: &Path, trace: Option<&Path>) -> Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let order: HashMap<Vec<u8>, usize> = traced_in_order(trace)?
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| (p, i))
+        .collect();
+    if order.is_empty() {
+        return Ok(());
+    }
+    let rank = |j: &crate::walk::FileJob| -> usize {
+        j.path
+            .strip_prefix(src)
+            .ok()
+            .and_then(|rel| order.get(rel.as_os_str().as_bytes()))
+            .copied()
+            .unwrap_or(usize::MAX)
+    };
+    // Stable: untraced files keep their walk order.
+    jobs.sort_by_cached_key(rank);
+    Ok(())
 }
 
 /// The node at absolute `path` (no symlinks followed).

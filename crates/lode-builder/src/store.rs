@@ -107,7 +107,14 @@ pub struct ChunkStore {
     compression: Compression,
     known: HashMap<ChunkDigest, ChunkAddr>,
     current: Option<BlobWriter>,
+    /// The prefetch blob: chunks of the files an access trace names, kept together so a mount
+    /// fetches them with a few large requests instead of one per file. Open for the whole build.
+    hot: Option<BlobWriter>,
+    /// Blobs this store wrote, in the order they were finished, with their device ids.
     blobs: Vec<DataBlob>,
+    devices: Vec<u16>,
+    /// Blobs started so far (device ids are handed out in that order, after the dictionary's).
+    started: usize,
     /// Device ids taken by blobs of a chunk dictionary (they come first in the table).
     dict_blobs: Vec<DataBlob>,
     pub stats: StoreStats,
@@ -122,7 +129,10 @@ impl ChunkStore {
             compression,
             known: HashMap::new(),
             current: None,
+            hot: None,
             blobs: Vec::new(),
+            devices: Vec::new(),
+            started: 0,
             dict_blobs: Vec::new(),
             stats: StoreStats::default(),
         }
@@ -139,7 +149,7 @@ impl ChunkStore {
         blob: DataBlob,
         chunks: impl IntoIterator<Item = (ChunkDigest, u32)>,
     ) {
-        assert!(self.blobs.is_empty() && self.current.is_none());
+        assert!(self.started == 0);
         self.dict_blobs.push(blob);
         let device = self.dict_blobs.len() as u16;
         for (digest, blkaddr) in chunks {
@@ -151,17 +161,28 @@ impl ChunkStore {
 
     /// Stores one chunk (unless the same bytes are stored already) and returns its address.
     pub fn put(&mut self, prepared: &PreparedChunk, data: &[u8]) -> Result<ChunkAddr> {
+        self.put_in(prepared, data, false)
+    }
+
+    /// Stores one chunk of a file an access trace names: into the prefetch blob.
+    pub fn put_hot(&mut self, prepared: &PreparedChunk, data: &[u8]) -> Result<ChunkAddr> {
+        self.put_in(prepared, data, true)
+    }
+
+    fn put_in(&mut self, prepared: &PreparedChunk, data: &[u8], hot: bool) -> Result<ChunkAddr> {
         self.stats.chunks += 1;
         if let Some(&addr) = self.known.get(&prepared.digest) {
             self.stats.deduplicated_bytes += data.len() as u64;
             return Ok(addr);
         }
-        if self.current.is_none() {
-            self.current = Some(self.new_blob()?);
+        let slot = if hot { &self.hot } else { &self.current };
+        if slot.is_none() {
+            let w = self.new_blob()?;
+            *(if hot { &mut self.hot } else { &mut self.current }) = Some(w);
         }
         let bs = self.block_size;
         let compression = self.compression;
-        let w = self.current.as_mut().expect("current blob");
+        let w = if hot { self.hot.as_mut() } else { self.current.as_mut() }.expect("open blob");
         let blkaddr = u32::try_from(w.blocks).context("blob exceeds 2^32 blocks")?;
         let padded = (data.len() as u64).next_multiple_of(bs);
         let (offset, len, flags) = match (&prepared.payload, compression) {
@@ -203,7 +224,7 @@ impl ChunkStore {
         Ok(addr)
     }
 
-    fn new_blob(&self) -> Result<BlobWriter> {
+    fn new_blob(&mut self) -> Result<BlobWriter> {
         let tmp = tempfile::Builder::new()
             .prefix(".blob-")
             .make_in(&self.dir, |p| {
@@ -214,10 +235,11 @@ impl ChunkStore {
                     .map(|f| BufWriter::with_capacity(1 << 20, f))
             })
             .with_context(|| format!("creating a blob in {}", self.dir.display()))?;
-        let device = u16::try_from(self.dict_blobs.len() + self.blobs.len() + 1)
+        let device = u16::try_from(self.dict_blobs.len() + self.started + 1)
             .ok()
             .filter(|&d| d < u16::MAX)
             .context("too many blobs for one image")?;
+        self.started += 1;
         Ok(BlobWriter {
             device,
             tmp,
@@ -229,10 +251,15 @@ impl ChunkStore {
     }
 
     /// Closes the current blob (if any chunk went into it); the next chunk starts a new one.
+    /// The prefetch blob stays open until [`ChunkStore::finish`].
     pub fn finish_blob(&mut self) -> Result<()> {
-        let Some(mut w) = self.current.take() else {
-            return Ok(());
-        };
+        match self.current.take() {
+            Some(w) => self.close(w),
+            None => Ok(()),
+        }
+    }
+
+    fn close(&mut self, mut w: BlobWriter) -> Result<()> {
         let table_offset = w.written;
         let uncompressed_size = w.blocks * self.block_size;
         let table = encode_table(
@@ -267,20 +294,27 @@ impl ChunkStore {
             chunk_count: w.entries.len() as u64,
             table_digest,
         });
+        self.devices.push(w.device);
         Ok(())
     }
 
-    /// The blobs this store has finished so far (not those of a chunk dictionary), in order.
+    /// The blobs this store has finished so far (not those of a chunk dictionary), in the
+    /// order they were finished.
     pub fn finished_blobs(&self) -> &[DataBlob] {
         &self.blobs
     }
 
-    /// Finishes the last blob and returns every blob of the image in device order
-    /// (chunk-dictionary blobs first).
+    /// Finishes the last blob and the prefetch blob and returns every blob of the image in
+    /// device order (chunk-dictionary blobs first).
     pub fn finish(mut self) -> Result<Vec<DataBlob>> {
         self.finish_blob()?;
+        if let Some(w) = self.hot.take() {
+            self.close(w)?;
+        }
+        let mut mine: Vec<(u16, DataBlob)> = self.devices.into_iter().zip(self.blobs).collect();
+        mine.sort_by_key(|(d, _)| *d);
         let mut all = self.dict_blobs;
-        all.extend(self.blobs);
+        all.extend(mine.into_iter().map(|(_, b)| b));
         Ok(all)
     }
 }

@@ -459,6 +459,30 @@ impl BlobFetcher {
         flush(&mut batch)
     }
 
+    /// `chunks` cut into consecutive pieces of at most `max_bytes` of remote (compressed)
+    /// data each (a single larger chunk is a piece of its own).
+    pub fn split_compressed(
+        &self,
+        chunks: std::ops::Range<usize>,
+        max_bytes: u64,
+    ) -> Vec<std::ops::Range<usize>> {
+        let entries = &self.cached.table.entries;
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (chunks.start, 0u64);
+        for i in chunks.clone() {
+            let len = entries.get(i).map_or(0, |e| e.compressed_len.get() as u64);
+            if bytes > 0 && bytes + len > max_bytes {
+                out.push(start..i);
+                (start, bytes) = (i, 0);
+            }
+            bytes += len;
+        }
+        if start < chunks.end {
+            out.push(start..chunks.end);
+        }
+        out
+    }
+
     /// Fetches the whole blob.
     pub fn prefetch_all(&self, limits: &PrefetchLimits) -> Result<(), FetchError> {
         self.prefetch(0..self.cached.table.entries.len(), limits)
@@ -505,6 +529,10 @@ fn chunk_end(e: &ChunkEntry) -> u64 {
 /// workload that made the trace, one after the other hardly faster than that workload.
 pub const PREFETCH_PARALLEL: usize = 16;
 
+/// Remote bytes per prefetch request at most: large enough that a round trip is small next
+/// to the transfer, small enough that 16 of them share a link and data arrives early.
+pub const PREFETCH_PIECE_BYTES: u64 = 1 << 20;
+
 /// Fetches an image's prefetch list (extents of its blobs, in list order) into the cache,
 /// up to [`PREFETCH_PARALLEL`] extents at a time, yielding to foreground fetches. Extents
 /// naming a blob not in `fetchers` are skipped. Goes on past a failure; returns the last.
@@ -528,6 +556,17 @@ pub fn prefetch_extents(
             _ => jobs.push((ext.blob as usize, chunks)),
         }
     }
+    // Long extents (a prefetch blob is one) in pieces, so they arrive over parallel requests
+    // and the first files are usable before the last bytes come.
+    let jobs: Vec<(usize, std::ops::Range<usize>)> = jobs
+        .into_iter()
+        .flat_map(|(b, r)| {
+            fetchers[b]
+                .split_compressed(r, PREFETCH_PIECE_BYTES)
+                .into_iter()
+                .map(move |p| (b, p))
+        })
+        .collect();
     let next = AtomicUsize::new(0);
     let failed: Mutex<Option<FetchError>> = Mutex::new(None);
     std::thread::scope(|s| {

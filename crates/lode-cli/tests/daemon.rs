@@ -42,6 +42,10 @@ impl Daemon {
     }
 
     fn spawn(&mut self, work: &Path) {
+        self.spawn_with(work, &[]);
+    }
+
+    fn spawn_with(&mut self, work: &Path, extra: &[&std::ffi::OsStr]) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -53,6 +57,7 @@ impl Daemon {
             .arg(&self.socket)
             .arg("--cache-dir")
             .arg(work.join("cache"))
+            .args(extra)
             .env("LODE_RUN_DIR", &self.run_dir)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -494,4 +499,70 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
     );
     run(d.lode().arg("umount").arg(&fan));
     run(d.lode().arg("umount").arg(&fuse));
+}
+
+#[test]
+fn config_file_sets_the_cache_limit_and_bad_configs_are_named() {
+    require_root();
+    require_erofs();
+    let work = work_dir("lode-daemon-config-");
+    let w = work.path();
+    let (_, img_a) = build_image(w, 21);
+    let (src_b, img_b) = build_image(w, 22);
+
+    // A config with a mistake: the daemon refuses to start and names the key.
+    let bad = w.join("bad.toml");
+    std::fs::write(&bad, "cache_max_size = \"a lot\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_lode"))
+        .arg("daemon")
+        .arg("--config")
+        .arg(&bad)
+        .arg("--socket")
+        .arg(w.join("bad.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cache_max_size") && err.contains("bad.toml"), "{err}");
+
+    // A 1-byte cache limit: whatever no mount uses is evicted by the daemon's housekeeping;
+    // the blob of a mounted image never is.
+    let cfg = w.join("lode.toml");
+    std::fs::write(&cfg, "cache_max_size = \"1\"\nlog = \"debug\"\n").unwrap();
+    let mut d = Daemon {
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_lode")),
+        socket: w.join("lode.sock"),
+        run_dir: w.join("run"),
+        child: None,
+        mounts: Vec::new(),
+    };
+    d.spawn_with(w, &[std::ffi::OsStr::new("--config"), cfg.as_os_str()]);
+    let (a, b) = (w.join("a"), w.join("b"));
+    std::fs::create_dir(&a).unwrap();
+    std::fs::create_dir(&b).unwrap();
+    d.mounts.push(a.clone());
+    d.mounts.push(b.clone());
+    run(d.lode().arg("mount").arg(&img_a).arg(&a));
+    run(d.lode().arg("mount").arg(&img_b).arg(&b));
+    assert_same_tree(&src_b, &b);
+    walk(&a).iter().for_each(|f| drop(std::fs::read(f).unwrap()));
+    run(d.lode().arg("umount").arg(&a));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let cache = d.json("GET", "/v1/cache", None);
+        let blobs = cache["blobs"].as_array().unwrap();
+        if blobs.len() == 1 {
+            assert_eq!(blobs[0]["in_use"], true, "{cache}");
+            assert_eq!(cache["summary"]["max_size"], 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "unused blob not evicted: {cache}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // The mounted image still reads right after the eviction of the other one.
+    assert_same_tree(&src_b, &b);
+    let log = std::fs::read_to_string(w.join("daemon.log")).unwrap();
+    assert!(log.contains("evicted unused blobs"), "{log}");
+    assert!(log.contains("DEBUG"), "log level from the config: {log}");
+    run(d.lode().arg("umount").arg(&b));
 }

@@ -109,7 +109,9 @@ async fn housekeeping(daemon: std::sync::Arc<Daemon>) {
                     Err(e) => tracing::warn!("cache eviction: {e:#}"),
                 }
             }
-            for rec in lode_mount::runtime::list() {
+            let records = lode_mount::runtime::list();
+            tracing::debug!(mounts = records.len(), "housekeeping");
+            for rec in records {
                 crate::mounts::reap(rec.pid);
             }
         })

@@ -246,7 +246,7 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     assert!(m["chosen_because"].as_str().unwrap().contains("pre-content"));
     let out = run(d.lode().arg("mount").arg(&img).arg(&fuse).args(["--mode", "fuse"]));
     assert!(
-        String::from_utf8_lossy(&out.stdout).contains("(fuse; served by pid"),
+        String::from_utf8_lossy(&out.stdout).contains("(fuse; supervisor pid"),
         "{out:?}"
     );
     // The daemon made it: its record is in the daemon's run dir.

@@ -63,6 +63,11 @@ pub struct Mounted {
     pub chosen_because: Option<String>,
     /// The process serving the mount (0 for local mode).
     pub pid: u32,
+    /// Where the serving process writes its counters (fanotify) and its log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stats: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log: Option<PathBuf>,
 }
 
 /// Mounts an image as `req` says (paths absolute, see [`MountRequest::absolutize`]);
@@ -143,12 +148,23 @@ pub fn mount(req: &MountRequest, default_cache: &Path) -> Result<Mounted> {
             runtime::load(&req.mountpoint).map(|r| r.pid).unwrap_or(0)
         }
     };
+    let (stats, log) = match mode {
+        Mode::Fanotify => (
+            Some(lode_fanotify::side_path(&req.mountpoint, "stats")),
+            Some(lode_fanotify::side_path(&req.mountpoint, "log")),
+        ),
+        Mode::Fuse => (None, Some(lode_fuse::log_path(&cache_dir, &req.mountpoint))),
+        Mode::Fscache => (None, Some(lode_cachefiles::control::RunDir::from_env().log())),
+        _ => (None, None),
+    };
     Ok(Mounted {
         mountpoint: req.mountpoint.clone(),
         image: req.image.clone(),
         mode,
         chosen_because,
         pid,
+        stats,
+        log,
     })
 }
 

@@ -137,48 +137,62 @@ pub fn open_image(
     cache: &Arc<BlobCache>,
     opts: &SourceOptions,
 ) -> Result<OpenedImage> {
-    let (manifest_bytes, bootstrap_bytes, backend): (Vec<u8>, Vec<u8>, Arc<dyn Backend>) =
+    // The bootstrap and the chunk tables all need only image.json: they are fetched at once
+    // (on a slow link each is a round trip).
+    type Fetch<'a> = Box<dyn FnOnce() -> Result<Vec<u8>> + Send + 'a>;
+    let (manifest_bytes, fetch_bootstrap, backend): (Vec<u8>, Fetch, Arc<dyn Backend>) =
         match source {
             ImageSource::Dir(dir) => {
                 let m = std::fs::read(dir.join(manifest::MANIFEST_FILE))
                     .with_context(|| format!("reading {}/image.json", dir.display()))?;
-                let b = std::fs::read(dir.join(manifest::BOOTSTRAP_FILE))
-                    .with_context(|| format!("reading {}/bootstrap", dir.display()))?;
+                let path = dir.join(manifest::BOOTSTRAP_FILE);
+                let b: Fetch = Box::new(move || {
+                    std::fs::read(&path).with_context(|| format!("reading {}", path.display()))
+                });
                 let backend = LocalDirBackend::new(dir.join(manifest::BLOBS_DIR));
                 (m, b, Arc::new(backend))
             }
             ImageSource::Http(url) => {
-                let backend = HttpBackend::new(url, opts.http.clone())
-                    .with_context(|| format!("image at {url}"))?;
+                let backend = Arc::new(
+                    HttpBackend::new(url, opts.http.clone())
+                        .with_context(|| format!("image at {url}"))?,
+                );
                 let m = backend
                     .get_file(manifest::MANIFEST_FILE)
                     .with_context(|| format!("fetching {url}/image.json"))?;
-                let b = backend
-                    .get_file(manifest::BOOTSTRAP_FILE)
-                    .with_context(|| format!("fetching {url}/bootstrap"))?;
-                (m, b, Arc::new(backend))
+                let be = backend.clone();
+                let b: Fetch = Box::new(move || {
+                    be.get_file(manifest::BOOTSTRAP_FILE)
+                        .with_context(|| format!("fetching {url}/bootstrap"))
+                });
+                (m, b, backend)
             }
             ImageSource::Registry(reference) => {
                 let client = Arc::new(lode_registry::RegistryClient::new(opts.registry.clone())?);
                 let remote = lode_registry::resolve_image(&client, reference)
                     .with_context(|| format!("resolving {reference}"))?;
-                let mut b = Vec::new();
-                std::io::Read::read_to_end(
-                    &mut client
-                        .get_blob(
-                            &remote.reference,
-                            &remote.bootstrap.digest,
-                            Some(remote.bootstrap.size),
-                        )
-                        .with_context(|| format!("fetching the bootstrap of {reference}"))?,
-                    &mut b,
-                )
-                .with_context(|| format!("fetching the bootstrap of {reference}"))?;
                 let backend_client = Arc::new(lode_registry::RegistryClient::new(
                     backend_client_options(opts.registry.clone()),
                 )?);
-                let backend = RegistryBackend::with_shared_client(backend_client, remote.reference);
-                (remote.config, b, Arc::new(backend))
+                let backend =
+                    RegistryBackend::with_shared_client(backend_client, remote.reference.clone());
+                let config = remote.config.clone();
+                let b: Fetch = Box::new(move || {
+                    let mut b = Vec::new();
+                    std::io::Read::read_to_end(
+                        &mut client
+                            .get_blob(
+                                &remote.reference,
+                                &remote.bootstrap.digest,
+                                Some(remote.bootstrap.size),
+                            )
+                            .with_context(|| format!("fetching the bootstrap of {reference}"))?,
+                        &mut b,
+                    )
+                    .with_context(|| format!("fetching the bootstrap of {reference}"))?;
+                    Ok(b)
+                });
+                (config, b, Arc::new(backend))
             }
         };
     let manifest: ImageManifest = serde_json::from_slice(&manifest_bytes)
@@ -190,6 +204,28 @@ pub fn open_image(
             manifest::FORMAT_VERSION
         );
     }
+    let stats = Arc::new(FetchStats::default());
+    let (bootstrap_bytes, fetchers) = std::thread::scope(|s| {
+        let bootstrap = s.spawn(fetch_bootstrap);
+        let opening: Vec<_> = manifest
+            .blobs
+            .iter()
+            .map(|blob| {
+                let (backend, stats) = (backend.clone(), stats.clone());
+                s.spawn(move || {
+                    BlobFetcher::open(cache, backend, blob, opts.fetch.clone(), stats)
+                        .with_context(|| format!("{source}: opening blob {}", blob.digest))
+                })
+            })
+            .collect();
+        let fetchers: Result<Vec<_>> = opening
+            .into_iter()
+            .map(|h| h.join().expect("opening a blob panicked"))
+            .collect();
+        let bootstrap = bootstrap.join().expect("fetching the bootstrap panicked");
+        (bootstrap, fetchers)
+    });
+    let bootstrap_bytes = bootstrap_bytes?;
     let got = format!("sha256:{}", sha256_hex(&bootstrap_bytes));
     if got != manifest.bootstrap.digest || bootstrap_bytes.len() as u64 != manifest.bootstrap.size {
         bail!(
@@ -203,20 +239,7 @@ pub fn open_image(
     lode_format::reader::Image::open(Box::new(bootstrap_bytes.clone()))
         .with_context(|| format!("{source}: the bootstrap is not a valid EROFS image"))?;
     let bootstrap = store_bootstrap(cache.dir(), manifest.bootstrap.hex(), &bootstrap_bytes)?;
-    let stats = Arc::new(FetchStats::default());
-    let mut fetchers = Vec::with_capacity(manifest.blobs.len());
-    for blob in &manifest.blobs {
-        fetchers.push(
-            BlobFetcher::open(
-                cache,
-                backend.clone(),
-                blob,
-                opts.fetch.clone(),
-                stats.clone(),
-            )
-            .with_context(|| format!("{source}: opening blob {}", blob.digest))?,
-        );
-    }
+    let fetchers = fetchers?;
     Ok(OpenedImage {
         source: source.clone(),
         manifest,

@@ -155,11 +155,16 @@ pub fn run(args: Args) -> Result<()> {
     if let Some(why) = &m.chosen_because {
         eprintln!("lode: --mode auto chose {}: {why}", m.mode);
     }
-    let by = if m.pid != 0 {
-        format!("; served by pid {}", m.pid)
-    } else {
-        String::new()
-    };
+    let mut by = String::new();
+    if m.pid != 0 {
+        by += &format!("; supervisor pid {}", m.pid);
+    }
+    if let Some(p) = &m.stats {
+        by += &format!("; stats {}", p.display());
+    }
+    if let Some(p) = &m.log {
+        by += &format!("; log {}", p.display());
+    }
     println!(
         "mounted {} at {} ({}{by})",
         m.image,

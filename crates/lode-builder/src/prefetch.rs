@@ -78,20 +78,7 @@ pub fn resolve(tree: &Tree, path: &Path) -> Result<(Vec<PrefetchExtent>, Prefetc
             }
         }
     }
-    // Fetch order is blob order: the traced files' chunks lie together (see `order_jobs` and
-    // the prefetch blob of layer builds), so sorted they merge into a few long extents that a
-    // mount fetches in parallel pieces.
-    out.sort_by_key(|e| (e.blob, e.offset));
-    let mut merged: Vec<PrefetchExtent> = Vec::with_capacity(out.len());
-    for e in out {
-        match merged.last_mut() {
-            Some(last) if last.blob == e.blob && e.offset <= last.offset + last.len => {
-                last.len = last.len.max(e.offset + e.len - last.offset);
-            }
-            _ => merged.push(e),
-        }
-    }
-    let out = merged;
+    let out = pieces_in_need_order(out);
     report.extents = out.len() as u64;
     report.bytes = out.iter().map(|e| e.len).sum();
     Ok((out, report))
@@ -152,6 +139,39 @@ pub fn order_jobs(jobs: &mut [crate::walk::FileJob], src: &Path, trace: Option<&
     Ok(())
 }
 
+/// Largest prefetch extent (uncompressed bytes): big enough that a round trip is small next
+/// to its transfer, small enough that a mount fetches several at once and the first files a
+/// workload needs are not queued behind the last.
+pub const PIECE_BYTES: u64 = 1 << 20;
+
+/// `need` (extents in trace order) as pieces of at most [`PIECE_BYTES`] of adjacent data
+/// (the traced files' chunks lie together: see `order_jobs` and the prefetch blob of layer
+/// builds), ordered by when the workload first needed something in them. A layer build's
+/// prefetch blob is in layer order, not trace order: this puts its pieces back in need order.
+fn pieces_in_need_order(need: Vec<PrefetchExtent>) -> Vec<PrefetchExtent> {
+    let mut ranked: Vec<(usize, PrefetchExtent)> = need.into_iter().enumerate().collect();
+    ranked.sort_by_key(|(_, e)| (e.blob, e.offset));
+    let mut pieces: Vec<(usize, PrefetchExtent)> = Vec::new();
+    for (rank, e) in ranked {
+        match pieces.last_mut() {
+            Some((r, last))
+                if last.blob == e.blob
+                    && e.offset <= last.offset + last.len
+                    && e.offset + e.len - last.offset <= PIECE_BYTES.max(last.len) =>
+            {
+                last.len = last.len.max(e.offset + e.len - last.offset);
+                *r = (*r).min(rank);
+            }
+            Some((r, last)) if last.blob == e.blob && e.offset + e.len <= last.offset + last.len => {
+                *r = (*r).min(rank);
+            }
+            _ => pieces.push((rank, e)),
+        }
+    }
+    pieces.sort_by_key(|(rank, _)| *rank);
+    pieces.into_iter().map(|(_, e)| e).collect()
+}
+
 /// The node at absolute `path` (no symlinks followed).
 fn lookup(tree: &Tree, path: &[u8]) -> Option<NodeId> {
     let mut node = Tree::ROOT;
@@ -162,4 +182,40 @@ fn lookup(tree: &Tree, path: &[u8]) -> Option<NodeId> {
         node = *tree.entries(node)?.get(comp)?;
     }
     Some(node)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(blob: u32, offset: u64, len: u64) -> PrefetchExtent {
+        PrefetchExtent { blob, offset, len }
+    }
+
+    #[test]
+    fn pieces_merge_adjacent_data_and_keep_need_order() {
+        let k = 4096;
+        // Needed in this order: the end of the blob first, then its start.
+        let need = vec![ext(1, 300 * k, k), ext(1, 0, k), ext(1, k, k), ext(0, 0, k)];
+        let p = pieces_in_need_order(need);
+        assert_eq!(p, vec![ext(1, 300 * k, k), ext(1, 0, 2 * k), ext(0, 0, k)]);
+    }
+
+    #[test]
+    fn long_runs_are_cut_into_pieces() {
+        let k = 4096;
+        let need: Vec<_> = (0..600).map(|i| ext(0, i * k, k)).collect();
+        let p = pieces_in_need_order(need);
+        assert_eq!(p.len(), 3, "{p:?}");
+        assert!(p.iter().all(|e| e.len <= PIECE_BYTES));
+        assert_eq!(p.iter().map(|e| e.len).sum::<u64>(), 600 * k);
+        assert_eq!(p[0].offset, 0);
+    }
+
+    #[test]
+    fn contained_extents_add_nothing() {
+        let k = 4096;
+        let p = pieces_in_need_order(vec![ext(0, 0, 4 * k), ext(0, k, k)]);
+        assert_eq!(p, vec![ext(0, 0, 4 * k)]);
+    }
 }

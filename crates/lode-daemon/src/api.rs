@@ -32,7 +32,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::metrics::CacheSummary;
 use crate::mounts::{self, Mounted};
-use crate::request::{Mode, MountRequest};
+use crate::request::{FuseOptions, Mode, MountRequest, RegistryOptions};
 
 /// What every handler shares.
 pub struct Daemon {
@@ -201,8 +201,15 @@ async fn mount(
         )));
     }
     req.mountpoint = canonical(&req.mountpoint)?;
+    // What the request leaves at its defaults, the daemon's configuration decides.
     if req.mode == Mode::Auto {
         req.mode = d.config.default_mode;
+    }
+    if req.registry == RegistryOptions::default() {
+        req.registry = d.config.registry.clone();
+    }
+    if req.fuse == FuseOptions::default() {
+        req.fuse = d.config.fuse.clone();
     }
     req.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
     let busy = Busy::claim(&d, &req.mountpoint)?;

@@ -44,7 +44,7 @@ impl std::fmt::Display for Mode {
 }
 
 /// FUSE-mode knobs.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct FuseOptions {
     /// Use FUSE passthrough for files whose data is local.

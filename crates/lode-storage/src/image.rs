@@ -69,7 +69,7 @@ pub struct SourceOptions {
 
 /// How to reach a registry (a serializable mirror of `lode_registry::ClientOptions`): what
 /// mount requests, the daemon API and frontend specs carry.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RegistryOptions {
     pub plain_http: bool,

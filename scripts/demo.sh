@@ -66,6 +66,9 @@ else
 fi
 show_stats
 echo
+echo "== lode status (also: lode status --json, lode daemon's GET /metrics)"
+"$lode" status "$mnt"
+echo
 "$lode" cache ls --cache-dir "$tmp/cache"
 "$lode" umount "$mnt"
 echo "unmounted"

@@ -153,17 +153,29 @@ fn pieces_in_need_order(need: Vec<PrefetchExtent>) -> Vec<PrefetchExtent> {
     ranked.sort_by_key(|(_, e)| (e.blob, e.offset));
     let mut pieces: Vec<(usize, PrefetchExtent)> = Vec::new();
     for (rank, e) in ranked {
-        match pieces.last_mut() {
-            Some((r, last))
-                if last.blob == e.blob
-                    && e.offset <= last.offset + last.len
-                    && e.offset + e.len - last.offset <= PIECE_BYTES.max(last.len) =>
-            {
-                last.len = last.len.max(e.offset + e.len - last.offset);
-                *r = (*r).min(rank);
+        let end = e.offset + e.len;
+        // Pieces already holding part of `e` are needed at least this early.
+        for (r, p) in pieces.iter_mut().rev() {
+            if p.blob != e.blob || p.offset + p.len <= e.offset {
+                break;
             }
-            Some((r, last)) if last.blob == e.blob && e.offset + e.len <= last.offset + last.len => {
-                *r = (*r).min(rank);
+            *r = (*r).min(rank);
+        }
+        match pieces.last_mut() {
+            Some((_, last)) if last.blob == e.blob && end <= last.offset + last.len => {}
+            Some((_, last)) if last.blob == e.blob && e.offset <= last.offset + last.len => {
+                if end - last.offset <= PIECE_BYTES.max(last.len) {
+                    last.len = end - last.offset;
+                } else {
+                    // Too long to join: the rest starts where the last piece ends.
+                    let start = last.offset + last.len;
+                    let rest = PrefetchExtent {
+                        blob: e.blob,
+                        offset: start,
+                        len: end - start,
+                    };
+                    pieces.push((rank, rest));
+                }
             }
             _ => pieces.push((rank, e)),
         }
@@ -210,6 +222,39 @@ mod tests {
         assert!(p.iter().all(|e| e.len <= PIECE_BYTES));
         assert_eq!(p.iter().map(|e| e.len).sum::<u64>(), 600 * k);
         assert_eq!(p[0].offset, 0);
+    }
+
+    proptest::proptest! {
+        /// Pieces cover exactly the needed blocks, never overlap, stay within the piece size
+        /// unless one needed extent alone is larger, and the first piece holds the first need.
+        #[test]
+        fn pieces_cover_exactly_what_is_needed(
+            need in proptest::collection::vec((0u32..3, 0u64..600, 1u64..300), 1..60)
+        ) {
+            let k = 4096;
+            let need: Vec<_> = need.iter().map(|&(b, o, l)| ext(b, o * k, l * k)).collect();
+            let blocks = |v: &[PrefetchExtent]| {
+                let mut set = std::collections::BTreeSet::new();
+                for e in v {
+                    for blk in e.offset / k..(e.offset + e.len) / k {
+                        set.insert((e.blob, blk));
+                    }
+                }
+                set
+            };
+            let p = pieces_in_need_order(need.clone());
+            proptest::prop_assert_eq!(blocks(&p), blocks(&need));
+            let total: u64 = p.iter().map(|e| e.len / k).sum();
+            proptest::prop_assert_eq!(total as usize, blocks(&p).len(), "pieces overlap");
+            let largest = need.iter().map(|e| e.len).max().unwrap();
+            for e in &p {
+                proptest::prop_assert!(e.len <= PIECE_BYTES.max(largest) * 2, "{:?}", e);
+            }
+            let first = need[0];
+            proptest::prop_assert!(p[0].blob == first.blob
+                && p[0].offset < first.offset + first.len
+                && first.offset < p[0].offset + p[0].len, "{:?} first need {:?}", p[0], first);
+        }
     }
 
     #[test]

@@ -271,19 +271,26 @@ fn print_table(list: &[MountStatus]) {
         return;
     }
     println!(
-        "{:<28} {:<9} {:<11} {:>10} {:>8} {:>7}  IMAGE",
-        "MOUNTPOINT", "MODE", "STATE", "FETCHED", "REQUESTS", "ERRORS"
+        "{:<28} {:<9} {:<11} {:>10} {:>8} {:>7} {:>7} {:<9} IMAGE",
+        "MOUNTPOINT", "MODE", "STATE", "FETCHED", "REQUESTS", "ERRORS", "CACHED", "PREFETCH"
     );
     for m in list {
         let s = &m.stats;
+        // How much of the image is local (background prefetch shows up here).
+        let cached = match (s.chunks, s.chunks_present) {
+            (Some(c), Some(p)) if c > 0 => format!("{:.0}%", 100.0 * p as f64 / c as f64),
+            _ => "-".into(),
+        };
         println!(
-            "{:<28} {:<9} {:<11} {:>9.1}M {:>8} {:>7}  {}",
+            "{:<28} {:<9} {:<11} {:>9.1}M {:>8} {:>7} {:>7} {:<9} {}",
             m.mountpoint.display(),
             m.mode,
             m.state,
             s.bytes_fetched as f64 / 1e6,
             s.requests,
             s.fetch_errors,
+            cached,
+            s.prefetch.as_deref().unwrap_or("-"),
             m.image
         );
         if let Some(e) = &m.stats_error {

@@ -116,7 +116,11 @@ fn traced_in_order(trace: Option<&Path>) -> Result<Vec<Vec<u8>>> {
 
 /// Puts the files the trace names first, in trace order (the rest keep their order), so their
 /// chunks lie together at the start of the blob.
-pub fn order_jobs(jobs: &mut [crate::walk::FileJob], src: &Path, trace: Option<&Path>) -> Result<()> {
+pub fn order_jobs(
+    jobs: &mut [crate::walk::FileJob],
+    src: &Path,
+    trace: Option<&Path>,
+) -> Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let order: HashMap<Vec<u8>, usize> = traced_in_order(trace)?
         .into_iter()

@@ -178,11 +178,20 @@ impl ChunkStore {
         let slot = if hot { &self.hot } else { &self.current };
         if slot.is_none() {
             let w = self.new_blob()?;
-            *(if hot { &mut self.hot } else { &mut self.current }) = Some(w);
+            *(if hot {
+                &mut self.hot
+            } else {
+                &mut self.current
+            }) = Some(w);
         }
         let bs = self.block_size;
         let compression = self.compression;
-        let w = if hot { self.hot.as_mut() } else { self.current.as_mut() }.expect("open blob");
+        let w = if hot {
+            self.hot.as_mut()
+        } else {
+            self.current.as_mut()
+        }
+        .expect("open blob");
         let blkaddr = u32::try_from(w.blocks).context("blob exceeds 2^32 blocks")?;
         let padded = (data.len() as u64).next_multiple_of(bs);
         let (offset, len, flags) = match (&prepared.payload, compression) {

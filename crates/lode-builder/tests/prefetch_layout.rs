@@ -20,7 +20,10 @@ fn fixture(dir: &Path) -> std::path::PathBuf {
         std::fs::write(src.join(format!("a/f{i:03}")), data).unwrap();
     }
     let trace = dir.join("trace");
-    let lines: Vec<String> = (0..30).rev().map(|k| format!("/a/f{:03}", k * 10)).collect();
+    let lines: Vec<String> = (0..30)
+        .rev()
+        .map(|k| format!("/a/f{:03}", k * 10))
+        .collect();
     std::fs::write(&trace, lines.join("\n") + "\n").unwrap();
     trace
 }
@@ -41,7 +44,12 @@ fn opts(trace: &Path) -> BuildOptions {
 fn directory_build_puts_traced_files_first() {
     let dir = tempfile::tempdir().unwrap();
     let trace = fixture(dir.path());
-    build_dir(&dir.path().join("src"), &dir.path().join("img"), &opts(&trace)).unwrap();
+    build_dir(
+        &dir.path().join("src"),
+        &dir.path().join("img"),
+        &opts(&trace),
+    )
+    .unwrap();
     let m = manifest(&dir.path().join("img"));
     assert_eq!(m.blobs.len(), 1);
     assert_eq!(m.prefetch.len(), 1, "one extent: {:?}", m.prefetch);

@@ -67,7 +67,10 @@ impl Daemon {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
         while UnixStream::connect(&self.socket).is_err() {
-            assert!(Instant::now() < deadline, "the daemon did not start listening");
+            assert!(
+                Instant::now() < deadline,
+                "the daemon did not start listening"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -163,7 +166,9 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
             );
             continue;
         }
-        let (key, value) = line.rsplit_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (key, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
         let name_end = key.find('{').unwrap_or(key.len());
         let name = &key[..name_end];
         assert!(
@@ -179,7 +184,9 @@ fn parse_metrics(text: &str) -> HashMap<String, f64> {
         let v: f64 = if value == "+Inf" {
             f64::INFINITY
         } else {
-            value.parse().unwrap_or_else(|_| panic!("bad value in {line:?}"))
+            value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"))
         };
         out.insert(key.to_string(), v);
     }
@@ -243,8 +250,16 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     assert_eq!(code, 201, "{text}");
     let m: serde_json::Value = serde_json::from_str(&text).unwrap();
     assert_eq!(m["mode"], "fanotify", "auto mode on this kernel: {m}");
-    assert!(m["chosen_because"].as_str().unwrap().contains("pre-content"));
-    let out = run(d.lode().arg("mount").arg(&img).arg(&fuse).args(["--mode", "fuse"]));
+    assert!(m["chosen_because"]
+        .as_str()
+        .unwrap()
+        .contains("pre-content"));
+    let out = run(d
+        .lode()
+        .arg("mount")
+        .arg(&img)
+        .arg(&fuse)
+        .args(["--mode", "fuse"]));
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("(fuse; supervisor pid"),
         "{out:?}"
@@ -272,10 +287,16 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     let st = run(d.lode().arg("status").arg(&fan).arg("--json"));
     let st: serde_json::Value = serde_json::from_slice(&st.stdout).unwrap();
     assert_eq!(st["mode"], "fanotify");
-    assert!(st["stats"]["events"]["events"].as_u64().unwrap() > 0, "{st}");
+    assert!(
+        st["stats"]["events"]["events"].as_u64().unwrap() > 0,
+        "{st}"
+    );
     let table = run(d.lode().arg("status"));
     let table = String::from_utf8_lossy(&table.stdout);
-    assert!(table.contains("fanotify") && table.contains("fuse"), "{table}");
+    assert!(
+        table.contains("fanotify") && table.contains("fuse"),
+        "{table}"
+    );
 
     // Metrics: well-formed, and they say what the list says.
     let (code, text) = d.call("GET", "/metrics", None);
@@ -284,10 +305,22 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     assert_eq!(metrics["lode_mounts{mode=\"fanotify\"}"], 1.0);
     assert_eq!(metrics["lode_mounts{mode=\"fuse\"}"], 1.0);
     let fan_label = format!("mountpoint=\"{}\"", fan.display());
-    assert!(sum_of(&metrics, "lode_fetch_bytes_total", &fan_label) > 0.0, "{text}");
-    assert!(sum_of(&metrics, "lode_fetch_requests_total", "mode=\"fuse\"") > 0.0, "{text}");
-    assert!(sum_of(&metrics, "lode_kernel_events_total", "kind=\"events\"") > 0.0, "{text}");
-    assert!(sum_of(&metrics, "lode_kernel_events_total", "kind=\"read\"") > 0.0, "{text}");
+    assert!(
+        sum_of(&metrics, "lode_fetch_bytes_total", &fan_label) > 0.0,
+        "{text}"
+    );
+    assert!(
+        sum_of(&metrics, "lode_fetch_requests_total", "mode=\"fuse\"") > 0.0,
+        "{text}"
+    );
+    assert!(
+        sum_of(&metrics, "lode_kernel_events_total", "kind=\"events\"") > 0.0,
+        "{text}"
+    );
+    assert!(
+        sum_of(&metrics, "lode_kernel_events_total", "kind=\"read\"") > 0.0,
+        "{text}"
+    );
     assert!(
         sum_of(&metrics, "lode_fetch_latency_seconds_count", &fan_label) > 0.0,
         "latency histogram: {text}"
@@ -301,32 +334,52 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     let (code, text) = d.call("POST", "/v1/mounts", Some("{not json"));
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("mount request"), "{text}");
-    let (code, text) = d.call("POST", "/v1/mounts", Some(r#"{"image":"/x","mountpoint":"/tmp","speed":"fast"}"#));
+    let (code, text) = d.call(
+        "POST",
+        "/v1/mounts",
+        Some(r#"{"image":"/x","mountpoint":"/tmp","speed":"fast"}"#),
+    );
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("speed"), "unknown field named: {text}");
     let missing = w.join("no-such-image");
     let spare = w.join("spare");
     std::fs::create_dir(&spare).unwrap();
     d.mounts.push(spare.clone());
-    let body = serde_json::json!({"image": missing, "mountpoint": spare, "mode": "fanotify"}).to_string();
+    let body =
+        serde_json::json!({"image": missing, "mountpoint": spare, "mode": "fanotify"}).to_string();
     let (code, text) = d.call("POST", "/v1/mounts", Some(&body));
     assert_eq!(code, 500, "{text}");
     assert!(text.contains("no-such-image"), "names the image: {text}");
-    let (code, text) = d.call("POST", "/v1/mounts", Some(&serde_json::json!({"image": img, "mountpoint": fan}).to_string()));
+    let (code, text) = d.call(
+        "POST",
+        "/v1/mounts",
+        Some(&serde_json::json!({"image": img, "mountpoint": fan}).to_string()),
+    );
     assert!(code >= 400 && text.contains("already"), "{code} {text}");
     let (code, text) = d.call("DELETE", &format!("/v1/mounts?{}", query(&spare)), None);
     assert_eq!(code, 404, "{text}");
     let (code, _) = d.call("GET", "/v1/nothing", None);
     assert_eq!(code, 404);
-    let (code, text) = d.call("POST", &format!("/v1/mounts/prefetch?{}", query(&fuse)), None);
+    let (code, text) = d.call(
+        "POST",
+        &format!("/v1/mounts/prefetch?{}", query(&fuse)),
+        None,
+    );
     assert_eq!(code, 400, "{text}");
     assert!(text.contains("fanotify"), "{text}");
     let fail = d.lode().arg("status").arg(&spare).output().unwrap();
     assert!(!fail.status.success());
-    assert!(String::from_utf8_lossy(&fail.stderr).contains("not a lode mount"), "{fail:?}");
+    assert!(
+        String::from_utf8_lossy(&fail.stderr).contains("not a lode mount"),
+        "{fail:?}"
+    );
 
     // Prefetch on demand: the whole image ends up cached.
-    d.json("POST", &format!("/v1/mounts/prefetch?{}", query(&fan)), Some("{\"rate\":0}"));
+    d.json(
+        "POST",
+        &format!("/v1/mounts/prefetch?{}", query(&fan)),
+        Some("{\"rate\":0}"),
+    );
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let s = d.json("GET", &format!("/v1/mounts/status?{}", query(&fan)), None);
@@ -345,9 +398,16 @@ fn api_mounts_lists_scrapes_and_names_errors() {
     d.json("DELETE", &format!("/v1/mounts?{}", query(&fan)), None);
     run(d.lode().arg("umount").arg(&fuse));
     assert!(!is_mounted(&fan) && !is_mounted(&fuse));
-    assert!(d.json("GET", "/v1/mounts", None).as_array().unwrap().is_empty());
+    assert!(d
+        .json("GET", "/v1/mounts", None)
+        .as_array()
+        .unwrap()
+        .is_empty());
     // Its supervisor exited and was reaped (no zombie left behind by the daemon).
-    assert!(!Path::new(&format!("/proc/{pid_fan}")).exists(), "supervisor {pid_fan} left");
+    assert!(
+        !Path::new(&format!("/proc/{pid_fan}")).exists(),
+        "supervisor {pid_fan} left"
+    );
 }
 
 /// Reads every file of `src`'s mirror under `mnt` in a loop and counts wrong bytes / errors.
@@ -355,10 +415,17 @@ fn start_readers(
     src: &Path,
     mnts: &[PathBuf],
     stop: Arc<AtomicBool>,
-) -> (Vec<std::thread::JoinHandle<()>>, Arc<AtomicU64>, Arc<AtomicU64>) {
+) -> (
+    Vec<std::thread::JoinHandle<()>>,
+    Arc<AtomicU64>,
+    Arc<AtomicU64>,
+) {
     let mut files = Vec::new();
     for e in walk(src) {
-        files.push((e.strip_prefix(src).unwrap().to_path_buf(), std::fs::read(&e).unwrap()));
+        files.push((
+            e.strip_prefix(src).unwrap().to_path_buf(),
+            std::fs::read(&e).unwrap(),
+        ));
     }
     let files = Arc::new(files);
     let bad = Arc::new(AtomicU64::new(0));
@@ -366,15 +433,24 @@ fn start_readers(
     let handles = mnts
         .iter()
         .map(|m| {
-            let (m, files, stop, bad, reads) =
-                (m.clone(), files.clone(), stop.clone(), bad.clone(), reads.clone());
+            let (m, files, stop, bad, reads) = (
+                m.clone(),
+                files.clone(),
+                stop.clone(),
+                bad.clone(),
+                reads.clone(),
+            );
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     for (rel, want) in files.iter() {
                         match std::fs::read(m.join(rel)) {
                             Ok(got) if &got == want => {}
                             other => {
-                                eprintln!("{}: {:?}", m.join(rel).display(), other.map(|g| g.len()));
+                                eprintln!(
+                                    "{}: {:?}",
+                                    m.join(rel).display(),
+                                    other.map(|g| g.len())
+                                );
                                 bad.fetch_add(1, Ordering::Relaxed);
                             }
                         }
@@ -428,8 +504,18 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
     std::fs::create_dir(&fuse).unwrap();
     d.mounts.push(fan.clone());
     d.mounts.push(fuse.clone());
-    run(d.lode().arg("mount").arg(&img).arg(&fan).args(["--mode", "fanotify"]));
-    run(d.lode().arg("mount").arg(&img).arg(&fuse).args(["--mode", "fuse", "--no-passthrough"]));
+    run(d
+        .lode()
+        .arg("mount")
+        .arg(&img)
+        .arg(&fan)
+        .args(["--mode", "fanotify"]));
+    run(d
+        .lode()
+        .arg("mount")
+        .arg(&img)
+        .arg(&fuse)
+        .args(["--mode", "fuse", "--no-passthrough"]));
 
     let stop = Arc::new(AtomicBool::new(false));
     let (readers, bad, reads) = start_readers(&src, &[fan.clone(), fuse.clone()], stop.clone());
@@ -439,11 +525,20 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
     d.stop();
     let before = reads.load(Ordering::Relaxed);
     std::thread::sleep(Duration::from_millis(500));
-    assert!(reads.load(Ordering::Relaxed) > before, "reads stalled without the daemon");
+    assert!(
+        reads.load(Ordering::Relaxed) > before,
+        "reads stalled without the daemon"
+    );
     d.spawn(w);
     let list = d.json("GET", "/v1/mounts", None);
     assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
-    assert!(list.as_array().unwrap().iter().all(|e| e["state"] == "serving"), "{list}");
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["state"] == "serving"),
+        "{list}"
+    );
 
     // 2. A new binary replaces the old one; the workers move onto it.
     let workers = |d: &Daemon| -> Vec<u64> {
@@ -463,7 +558,10 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
     std::fs::copy(env!("CARGO_BIN_EXE_lode"), &staged).unwrap();
     std::fs::rename(&staged, &exe).unwrap();
     for &p in &old {
-        assert!(exe_of(p).ends_with("(deleted)"), "old worker runs the replaced file");
+        assert!(
+            exe_of(p).ends_with("(deleted)"),
+            "old worker runs the replaced file"
+        );
     }
     let up = d.json("POST", "/v1/upgrade", None);
     for m in up["mounts"].as_array().unwrap() {
@@ -475,7 +573,10 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
         if new.iter().zip(&old).all(|(n, o)| n != o && *n != 0) {
             break new;
         }
-        assert!(Instant::now() < deadline, "workers not replaced: {old:?} -> {new:?}");
+        assert!(
+            Instant::now() < deadline,
+            "workers not replaced: {old:?} -> {new:?}"
+        );
     };
     for &p in &new {
         let e = exe_of(p);
@@ -487,8 +588,15 @@ fn daemon_restart_and_worker_upgrade_keep_mounts_serving() {
     for r in readers {
         r.join().unwrap();
     }
-    assert!(reads.load(Ordering::Relaxed) > before, "reads stalled after the upgrade");
-    assert_eq!(bad.load(Ordering::Relaxed), 0, "wrong bytes or errors while upgrading");
+    assert!(
+        reads.load(Ordering::Relaxed) > before,
+        "reads stalled after the upgrade"
+    );
+    assert_eq!(
+        bad.load(Ordering::Relaxed),
+        0,
+        "wrong bytes or errors while upgrading"
+    );
     let list = d.json("GET", "/v1/mounts", None);
     for e in list.as_array().unwrap() {
         assert!(e["stats"]["worker_restarts"].as_u64().unwrap() >= 1, "{e}");
@@ -523,7 +631,10 @@ fn config_file_sets_the_cache_limit_and_bad_configs_are_named() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cache_max_size") && err.contains("bad.toml"), "{err}");
+    assert!(
+        err.contains("cache_max_size") && err.contains("bad.toml"),
+        "{err}"
+    );
 
     // A 1-byte cache limit: whatever no mount uses is evicted by the daemon's housekeeping;
     // the blob of a mounted image never is.
@@ -545,7 +656,9 @@ fn config_file_sets_the_cache_limit_and_bad_configs_are_named() {
     run(d.lode().arg("mount").arg(&img_a).arg(&a));
     run(d.lode().arg("mount").arg(&img_b).arg(&b));
     assert_same_tree(&src_b, &b);
-    walk(&a).iter().for_each(|f| drop(std::fs::read(f).unwrap()));
+    walk(&a)
+        .iter()
+        .for_each(|f| drop(std::fs::read(f).unwrap()));
     run(d.lode().arg("umount").arg(&a));
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -556,7 +669,10 @@ fn config_file_sets_the_cache_limit_and_bad_configs_are_named() {
             assert_eq!(cache["summary"]["max_size"], 1);
             break;
         }
-        assert!(Instant::now() < deadline, "unused blob not evicted: {cache}");
+        assert!(
+            Instant::now() < deadline,
+            "unused blob not evicted: {cache}"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
     // The mounted image still reads right after the eviction of the other one.

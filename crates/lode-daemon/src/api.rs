@@ -51,7 +51,9 @@ impl Daemon {
         })
     }
 
-    pub fn cache_summary(&self) -> anyhow::Result<(CacheSummary, Vec<lode_storage::cache::CacheEntry>)> {
+    pub fn cache_summary(
+        &self,
+    ) -> anyhow::Result<(CacheSummary, Vec<lode_storage::cache::CacheEntry>)> {
         let dir = &self.config.cache_dir;
         let entries = lode_storage::cache::list(dir)?;
         let max_size = self
@@ -115,9 +117,12 @@ pub fn router(daemon: Arc<Daemon>) -> Router {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> ApiResult<T> + Send + 'static,
 ) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, format!("worker task: {e}")))?
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("worker task: {e}"),
+        )
+    })?
 }
 
 async fn version(State(d): State<Arc<Daemon>>) -> Json<serde_json::Value> {
@@ -157,8 +162,12 @@ fn canonical(p: &Path) -> ApiResult<PathBuf> {
             p.display()
         )));
     }
-    std::fs::canonicalize(p)
-        .map_err(|e| ApiError(StatusCode::NOT_FOUND, format!("mount point {}: {e}", p.display())))
+    std::fs::canonicalize(p).map_err(|e| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("mount point {}: {e}", p.display()),
+        )
+    })
 }
 
 fn not_a_mount(p: &Path) -> ApiError {
@@ -176,7 +185,10 @@ impl Busy {
         if !d.busy.lock().expect("busy lock").insert(p.to_path_buf()) {
             return Err(ApiError(
                 StatusCode::CONFLICT,
-                format!("{} is busy with another mount or umount request", p.display()),
+                format!(
+                    "{} is busy with another mount or umount request",
+                    p.display()
+                ),
             ));
         }
         Ok(Busy(d.clone(), p.to_path_buf()))
@@ -193,7 +205,8 @@ async fn mount(
     State(d): State<Arc<Daemon>>,
     body: Result<Json<MountRequest>, axum::extract::rejection::JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<Mounted>)> {
-    let Json(mut req) = body.map_err(|e| ApiError::bad(format!("mount request: {}", e.body_text())))?;
+    let Json(mut req) =
+        body.map_err(|e| ApiError::bad(format!("mount request: {}", e.body_text())))?;
     if !req.mountpoint.is_absolute() {
         return Err(ApiError::bad(format!(
             "mountpoint {} must be an absolute path",
@@ -211,7 +224,8 @@ async fn mount(
     if req.fuse == FuseOptions::default() {
         req.fuse = d.config.fuse.clone();
     }
-    req.validate().map_err(|e| ApiError::bad(format!("{e:#}")))?;
+    req.validate()
+        .map_err(|e| ApiError::bad(format!("{e:#}")))?;
     let busy = Busy::claim(&d, &req.mountpoint)?;
     blocking(move || {
         let _busy = busy;

@@ -22,7 +22,10 @@ fn fanotify_worker(rec: &MountRecord) -> Result<u32> {
     let path = lode_fanotify::side_path(&rec.mountpoint, "stats");
     let s = lode_fanotify::stats::Stats::load(&path)?;
     if s.worker_pid == 0 {
-        bail!("no fanotify worker is running for {}", rec.mountpoint.display());
+        bail!(
+            "no fanotify worker is running for {}",
+            rec.mountpoint.display()
+        );
     }
     Ok(s.worker_pid)
 }

@@ -105,11 +105,9 @@ pub fn mount(req: &MountRequest, cache_dir: &Path) -> Result<u32> {
     if let Some((u, p)) = &req.registry.credentials {
         envs.push(("LODE_REGISTRY_AUTH".to_string(), format!("{u}:{p}")));
     }
-    lode_fanotify::supervisor::launch(&exe, &spec_path, &spec.log_path, &envs).inspect_err(
-        |_| {
-            let _ = std::fs::remove_file(&spec_path);
-        },
-    )
+    lode_fanotify::supervisor::launch(&exe, &spec_path, &spec.log_path, &envs).inspect_err(|_| {
+        let _ = std::fs::remove_file(&spec_path);
+    })
 }
 
 fn dev_of(p: &Path) -> Result<u64> {

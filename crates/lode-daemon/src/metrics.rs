@@ -84,9 +84,7 @@ pub fn render(mounts: &[MountStatus], cache: &CacheSummary, uptime_secs: u64) ->
                 mode: m.mode.clone(),
             })
             .inc();
-        serving
-            .get_or_create(&l)
-            .set((m.state == "serving") as i64);
+        serving.get_or_create(&l).set((m.state == "serving") as i64);
         let s = &m.stats;
         fetched.get_or_create(&l).inc_by(s.bytes_fetched);
         requests.get_or_create(&l).inc_by(s.requests);
@@ -126,13 +124,29 @@ pub fn render(mounts: &[MountStatus], cache: &CacheSummary, uptime_secs: u64) ->
         "Bytes received from the image's source (compressed form)",
         fetched,
     );
-    reg.register("fetch_requests", "Range requests to the image's source", requests);
+    reg.register(
+        "fetch_requests",
+        "Range requests to the image's source",
+        requests,
+    );
     reg.register("fetch_errors", "Fetches that failed after retries", errors);
-    reg.register("cache_hits", "Reads whose data was already in the cache", hits);
+    reg.register(
+        "cache_hits",
+        "Reads whose data was already in the cache",
+        hits,
+    );
     reg.register("cache_misses", "Reads that had to fetch", misses);
-    reg.register("worker_restarts", "Worker processes restarted by their supervisor", restarts);
+    reg.register(
+        "worker_restarts",
+        "Worker processes restarted by their supervisor",
+        restarts,
+    );
     reg.register("image_chunks", "Chunks of the mounted image", chunks);
-    reg.register("image_chunks_cached", "Chunks of the mounted image in the cache", chunks_present);
+    reg.register(
+        "image_chunks_cached",
+        "Chunks of the mounted image in the cache",
+        chunks_present,
+    );
     reg.register(
         "kernel_events",
         "Kernel requests served, by kind (fanotify events, FUSE opcodes, cachefiles messages)",
@@ -140,7 +154,11 @@ pub fn render(mounts: &[MountStatus], cache: &CacheSummary, uptime_secs: u64) ->
     );
     reg.register_collector(Box::new(latency));
 
-    reg.register("cache_blobs", "Blobs in the cache", ConstGauge::new(cache.blobs as i64));
+    reg.register(
+        "cache_blobs",
+        "Blobs in the cache",
+        ConstGauge::new(cache.blobs as i64),
+    );
     reg.register(
         "cache_disk_bytes",
         "Bytes the cache occupies on disk",
@@ -184,16 +202,15 @@ fn fetch_latency(detail: &serde_json::Value) -> Option<Histogram> {
         .filter(|v| v.is_object())
         .or_else(|| detail.get("fetch"))?;
     let nums = |k: &str| -> Option<Vec<u64>> {
-        f.get(k)?
-            .as_array()?
-            .iter()
-            .map(|v| v.as_u64())
-            .collect()
+        f.get(k)?.as_array()?.iter().map(|v| v.as_u64()).collect()
     };
     Some(Histogram {
         bounds_ms: nums("latency_ms_buckets")?,
         counts: nums("latency_counts")?,
-        sum_us: f.get("latency_us_sum").and_then(|v| v.as_u64()).unwrap_or(0),
+        sum_us: f
+            .get("latency_us_sum")
+            .and_then(|v| v.as_u64())
+            .unwrap_or(0),
     })
 }
 
@@ -218,14 +235,19 @@ impl Collector for LatencyHistograms {
                 .zip(&h.counts)
                 .map(|(&b, &c)| (b as f64 / 1000.0, c))
                 .collect();
-            buckets.push((f64::INFINITY, h.counts.get(h.bounds_ms.len()).copied().unwrap_or(0)));
+            buckets.push((
+                f64::INFINITY,
+                h.counts.get(h.bounds_ms.len()).copied().unwrap_or(0),
+            ));
             let count = h.counts.iter().sum();
-            family.encode_family(labels)?.encode_histogram::<prometheus_client::encoding::NoLabelSet>(
-                h.sum_us as f64 / 1e6,
-                count,
-                &buckets,
-                None,
-            )?;
+            family
+                .encode_family(labels)?
+                .encode_histogram::<prometheus_client::encoding::NoLabelSet>(
+                    h.sum_us as f64 / 1e6,
+                    count,
+                    &buckets,
+                    None,
+                )?;
         }
         Ok(())
     }

@@ -154,7 +154,10 @@ pub fn mount(req: &MountRequest, default_cache: &Path) -> Result<Mounted> {
             Some(lode_fanotify::side_path(&req.mountpoint, "log")),
         ),
         Mode::Fuse => (None, Some(lode_fuse::log_path(&cache_dir, &req.mountpoint))),
-        Mode::Fscache => (None, Some(lode_cachefiles::control::RunDir::from_env().log())),
+        Mode::Fscache => (
+            None,
+            Some(lode_cachefiles::control::RunDir::from_env().log()),
+        ),
         _ => (None, None),
     };
     Ok(Mounted {
@@ -187,9 +190,7 @@ pub fn umount(mountpoint: &Path) -> Result<Option<String>> {
             runtime::remove(&mnt);
         }
         Some(rec) => {
-            if runtime::alive(rec.pid)
-                && runtime::stop_process(rec.pid, Duration::from_secs(10))
-            {
+            if runtime::alive(rec.pid) && runtime::stop_process(rec.pid, Duration::from_secs(10)) {
                 warning = Some(format!(
                     "the {} server (pid {}) did not exit in time and was killed",
                     rec.mode, rec.pid
@@ -281,8 +282,8 @@ pub fn list() -> Vec<MountStatus> {
 /// The mount at `mountpoint`.
 pub fn status(mountpoint: &Path) -> Result<MountStatus> {
     let mnt = runtime::canonical(mountpoint)?;
-    let rec = runtime::load(&mnt)
-        .with_context(|| format!("{} is not a lode mount", mnt.display()))?;
+    let rec =
+        runtime::load(&mnt).with_context(|| format!("{} is not a lode mount", mnt.display()))?;
     let fscache = (rec.mode == "fscache").then(lode_cachefiles::client::status);
     Ok(describe(rec, fscache.as_ref()))
 }
@@ -374,9 +375,9 @@ fn mode_stats(
                 .and_then(|imgs| {
                     imgs.iter().find(|i| {
                         i["mountpoint"].as_str() == rec.mountpoint.to_str()
-                            || i["mountpoint"]
-                                .as_array()
-                                .is_some_and(|a| a.iter().any(|m| m.as_str() == rec.mountpoint.to_str()))
+                            || i["mountpoint"].as_array().is_some_and(|a| {
+                                a.iter().any(|m| m.as_str() == rec.mountpoint.to_str())
+                            })
                     })
                 })
                 .cloned()

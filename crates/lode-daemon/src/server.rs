@@ -21,8 +21,12 @@ pub fn run(config: Config) -> Result<()> {
         // Before any thread exists: every child inherits it.
         std::env::set_var("LODE_RUN_DIR", dir);
     }
-    std::fs::create_dir_all(&config.cache_dir)
-        .with_context(|| format!("creating the cache directory {}", config.cache_dir.display()))?;
+    std::fs::create_dir_all(&config.cache_dir).with_context(|| {
+        format!(
+            "creating the cache directory {}",
+            config.cache_dir.display()
+        )
+    })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(16)

@@ -175,23 +175,13 @@ impl ChunkStore {
             self.stats.deduplicated_bytes += data.len() as u64;
             return Ok(addr);
         }
-        let slot = if hot { &self.hot } else { &self.current };
-        if slot.is_none() {
+        if self.writer(hot).is_none() {
             let w = self.new_blob()?;
-            *(if hot {
-                &mut self.hot
-            } else {
-                &mut self.current
-            }) = Some(w);
+            *self.writer(hot) = Some(w);
         }
         let bs = self.block_size;
         let compression = self.compression;
-        let w = if hot {
-            self.hot.as_mut()
-        } else {
-            self.current.as_mut()
-        }
-        .expect("open blob");
+        let w = self.writer(hot).as_mut().expect("open blob");
         let blkaddr = u32::try_from(w.blocks).context("blob exceeds 2^32 blocks")?;
         let padded = (data.len() as u64).next_multiple_of(bs);
         let (offset, len, flags) = match (&prepared.payload, compression) {
@@ -231,6 +221,15 @@ impl ChunkStore {
         self.stats.stored_bytes += data.len() as u64;
         self.stats.payload_bytes += len as u64;
         Ok(addr)
+    }
+
+    /// The blob new chunks go to: the prefetch blob for traced files, else the current one.
+    fn writer(&mut self, hot: bool) -> &mut Option<BlobWriter> {
+        if hot {
+            &mut self.hot
+        } else {
+            &mut self.current
+        }
     }
 
     fn new_blob(&mut self) -> Result<BlobWriter> {

@@ -6,7 +6,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use lode_mount::runtime::{self, MountRecord};
@@ -100,9 +100,7 @@ pub fn mount(req: &MountRequest) -> Result<()> {
         pid: supervisor,
         cache_dir,
         control: Some(run.socket()),
-        started: SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs()),
+        started: runtime::now_secs(),
     })?;
     Ok(())
 }

@@ -4,7 +4,6 @@
 //! replaced binary while readers keep checking every byte.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -101,33 +100,10 @@ impl Daemon {
 
     /// One request; (status, JSON or text body).
     fn call(&self, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
-        let mut s = UnixStream::connect(&self.socket).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
-        let body = body.unwrap_or("");
-        write!(
-            s,
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )
-        .unwrap();
-        let mut r = BufReader::new(s);
-        let mut status = String::new();
-        r.read_line(&mut status).unwrap();
-        let code: u16 = status.split(' ').nth(1).unwrap().parse().unwrap();
-        let mut len = 0usize;
-        loop {
-            let mut l = String::new();
-            r.read_line(&mut l).unwrap();
-            if l.trim().is_empty() {
-                break;
-            }
-            if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
-                len = v.trim().parse().unwrap();
-            }
-        }
-        let mut out = vec![0; len];
-        r.read_exact(&mut out).unwrap();
-        (code, String::from_utf8(out).unwrap())
+        lode_daemon::client::Client::connect(&self.socket)
+            .expect("the daemon listens")
+            .raw(method, path, body, Duration::from_secs(120))
+            .unwrap()
     }
 
     fn json(&self, method: &str, path: &str, body: Option<&str>) -> serde_json::Value {

@@ -279,15 +279,13 @@ async fn prefetch(
     blocking(move || {
         let mnt = canonical(&q.mountpoint)?;
         let rec = lode_mount::runtime::load(&mnt).ok_or_else(|| not_a_mount(&mnt))?;
-        if rec.mode != "fanotify" {
-            return Err(ApiError::bad(format!(
-                "prefetch on demand is supported for fanotify mounts; {} is a {} mount (mount it with --prefetch-all instead)",
-                mnt.display(),
-                rec.mode
-            )));
+        if let Some(why) = crate::control::prefetch_unsupported(&rec) {
+            return Err(ApiError::bad(why));
         }
         crate::control::prefetch_all(&rec, rate)?;
-        Ok(Json(json!({ "prefetch": "started", "mountpoint": mnt, "rate": rate })))
+        Ok(Json(
+            json!({ "prefetch": "started", "mountpoint": mnt, "rate": rate }),
+        ))
     })
     .await
 }

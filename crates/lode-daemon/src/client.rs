@@ -33,7 +33,8 @@ impl Client {
         body: Option<&serde_json::Value>,
         timeout: Duration,
     ) -> Result<serde_json::Value> {
-        let (status, text) = self.raw(method, path, body, timeout)?;
+        let body = body.map(|b| b.to_string());
+        let (status, text) = self.raw(method, path, body.as_deref(), timeout)?;
         let value: serde_json::Value = if text.trim().is_empty() {
             serde_json::Value::Null
         } else {
@@ -48,18 +49,18 @@ impl Client {
         Ok(value)
     }
 
-    /// Sends one request; returns the status code and the body as text.
+    /// Sends one request with `body` as it is; returns the status code and the body as text.
     pub fn raw(
         &self,
         method: &str,
         path: &str,
-        body: Option<&serde_json::Value>,
+        body: Option<&str>,
         timeout: Duration,
     ) -> Result<(u16, String)> {
         let ctx = || format!("talking to the lode daemon on {}", self.socket.display());
         let mut s = UnixStream::connect(&self.socket).with_context(ctx)?;
         s.set_read_timeout(Some(timeout)).with_context(ctx)?;
-        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let body = body.unwrap_or_default();
         let req = format!(
             "{method} {path} HTTP/1.1\r\nHost: lode\r\nConnection: close\r\n\
              Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",

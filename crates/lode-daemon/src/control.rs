@@ -33,12 +33,8 @@ fn fanotify_worker(rec: &MountRecord) -> Result<u32> {
 /// Starts fetching the whole image of a fanotify mount in the background (`rate` bytes/s,
 /// 0: no limit): the spec the worker reads at start is updated and the worker replaced.
 pub fn prefetch_all(rec: &MountRecord, rate: u64) -> Result<()> {
-    if rec.mode != "fanotify" {
-        bail!(
-            "prefetch on demand is supported for fanotify mounts; {} is a {} mount (mount it with --prefetch-all instead)",
-            rec.mountpoint.display(),
-            rec.mode
-        );
+    if let Some(why) = prefetch_unsupported(rec) {
+        bail!("{why}");
     }
     let spec_path = lode_fanotify::side_path(&rec.mountpoint, "spec");
     let mut spec = lode_fanotify::Spec::load(&spec_path)?;
@@ -46,6 +42,18 @@ pub fn prefetch_all(rec: &MountRecord, rate: u64) -> Result<()> {
     spec.prefetch_rate = rate;
     spec.save(&spec_path)?;
     signal(fanotify_worker(rec)?, rustix::process::Signal::TERM)
+}
+
+/// Why `rec` cannot prefetch on demand, if it cannot (only fanotify workers re-read their
+/// spec when replaced).
+pub fn prefetch_unsupported(rec: &MountRecord) -> Option<String> {
+    (rec.mode != "fanotify").then(|| {
+        format!(
+            "prefetch on demand is supported for fanotify mounts; {} is a {} mount (mount it with --prefetch-all instead)",
+            rec.mountpoint.display(),
+            rec.mode
+        )
+    })
 }
 
 /// Replaces the worker of every mount (see the module docs); the answer lists what was done

@@ -111,7 +111,7 @@ pub fn mount(req: &MountRequest, default_cache: &Path) -> Result<Mounted> {
                 pid: 0,
                 cache_dir: cache_dir.clone(),
                 control: None,
-                started: now_secs(),
+                started: runtime::now_secs(),
             })?;
             0
         }
@@ -373,12 +373,8 @@ fn mode_stats(
             let image = all["images"]
                 .as_array()
                 .and_then(|imgs| {
-                    imgs.iter().find(|i| {
-                        i["mountpoint"].as_str() == rec.mountpoint.to_str()
-                            || i["mountpoint"].as_array().is_some_and(|a| {
-                                a.iter().any(|m| m.as_str() == rec.mountpoint.to_str())
-                            })
-                    })
+                    imgs.iter()
+                        .find(|i| i["mountpoint"].as_str() == rec.mountpoint.to_str())
                 })
                 .cloned()
                 .context("the fscache daemon does not serve this mount")?;
@@ -407,10 +403,3 @@ fn mode_stats(
 }
 
 pub use lode_mount::kernel::is_mountpoint;
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}

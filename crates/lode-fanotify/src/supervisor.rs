@@ -8,7 +8,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use lode_mount::kernel::ErofsMount;
@@ -208,10 +208,7 @@ impl Running {
             pid: std::process::id(),
             cache_dir: r.spec.cache_dir.clone(),
             control: None,
-            started: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
+            started: runtime::now_secs(),
         });
         if let Err(e) = saved {
             error!("writing the mount record: {e:#} (`lode umount` will not find this process; it exits on its own once unmounted)");

@@ -163,10 +163,7 @@ fn setup(cfg: MountConfig) -> Result<(Supervisor, Child)> {
         pid: std::process::id(),
         cache_dir: cfg.cache_dir.clone(),
         control: Some(control),
-        started: std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0),
+        started: runtime::now_secs(),
     })?;
     std::mem::forget(guard);
     Ok((sup, first))

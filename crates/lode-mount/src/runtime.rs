@@ -27,6 +27,14 @@ pub struct MountRecord {
     pub started: u64,
 }
 
+/// Now, as a record's `started` (seconds since the epoch).
+pub fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 pub fn run_dir() -> PathBuf {
     std::env::var_os("LODE_RUN_DIR")
         .map(PathBuf::from)

@@ -97,21 +97,7 @@ fn parse_size(s: &str) -> Result<String, String> {
 
 /// Parses `4096`, `64K`, `1M`, `1MiB`.
 pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
-    let (num, mul) = match t.char_indices().last() {
-        Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-        Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-        Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mul))
-        .ok_or_else(|| format!("{s:?} is not a size (e.g. 4096, 64K, 1M)"))
+    lode_storage::cache::parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -109,19 +109,12 @@ const MOUNT_TIMEOUT: Duration = Duration::from_secs(900);
 const SHORT_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub fn run(args: Args) -> Result<()> {
-    let r = &args.registry;
     let mut req = MountRequest {
         image: args.image.clone(),
         mountpoint: args.mountpoint.clone(),
         mode: args.mode.into(),
         cache_dir: args.cache_dir.clone(),
-        registry: lode_daemon::request::RegistryOptions {
-            plain_http: r.plain_http,
-            insecure_tls: r.insecure_tls,
-            credentials: r.credentials()?,
-            docker_config: r.auth_file.clone(),
-            retries: r.retries,
-        },
+        registry: args.registry.options()?,
         prefetch_all: args.prefetch_all,
         prefetch_rate: args.prefetch_rate,
         fuse: FuseOptions {

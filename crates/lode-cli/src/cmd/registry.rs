@@ -44,15 +44,19 @@ impl RegistryArgs {
             .transpose()
     }
 
-    pub fn client_options(&self) -> Result<ClientOptions> {
-        Ok(ClientOptions {
+    /// The flags as the serializable options mounts and the daemon API carry.
+    pub fn options(&self) -> Result<lode_storage::image::RegistryOptions> {
+        Ok(lode_storage::image::RegistryOptions {
             plain_http: self.plain_http,
             insecure_tls: self.insecure_tls,
             credentials: self.credentials()?,
             docker_config: self.auth_file.clone(),
             retries: self.retries,
-            ..Default::default()
         })
+    }
+
+    pub fn client_options(&self) -> Result<ClientOptions> {
+        Ok(self.options()?.client_options())
     }
 
     pub fn client(&self) -> Result<RegistryClient> {
